@@ -1,0 +1,53 @@
+"""Load a preset's models once per process and keep them for later jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backend.psd.prior import DiffusionPrior
+from backend.psd.rewards import RewardModel, load_reward
+from backend.psd.tiny import ensure_tiny_models
+
+_CACHE: dict[tuple, "LoadedModels"] = {}
+
+
+@dataclass
+class LoadedModels:
+    prior: DiffusionPrior
+    target_reward: RewardModel
+    unseen_rewards: list[RewardModel]
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers/open_clip chatter (load bars, 'initialised randomly' for
+    the tiny twins) out of the CLI's output; errors still show."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_models(models, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModels:
+    """``models`` is a :class:`backend.presets.ModelSet`. fp16 for the prior on CUDA, fp32 on CPU."""
+    device = device or default_device()
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    key = (models, str(device), dtype)
+    if key not in _CACHE:
+        if models.build_tiny:
+            ensure_tiny_models()
+        prior = DiffusionPrior.from_pretrained(models.prior, device=device, dtype=dtype)
+        target = load_reward(models.target_reward, device=device)
+        unseen = [load_reward(src, device=device) for src in models.unseen_rewards]
+        _CACHE[key] = LoadedModels(prior, target, unseen)
+    return _CACHE[key]

@@ -1,0 +1,99 @@
+"""Presets: one name picks the models and the stage settings (DESIGN.md "Presets").
+
+``tiny``       random tiny models of the real classes, built on first use; seconds on a CPU.
+``sd21-draft`` SD 2.1 base + HPSv2.1 (+ PickScore unseen), fewer steps.
+``sd21-paper`` the paper's settings (appendix F.1; Table 3's 50-step 2D experiment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from protocol.errors import UnknownNameError
+from backend.psd.distill import DecodeConfig, GuidanceConfig, SecondNoise
+from backend.psd.negative import NegativeConfig
+from backend.psd.prior import PriorSource
+from backend.psd.rewards import HpsSource, PickScoreSource, RewardSource
+from backend.psd.schedule import DdimLikeSchedule
+from backend.psd.tiny import TINY_CLIP_ARCH, TINY_NAME
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    prior: PriorSource
+    target_reward: RewardSource
+    unseen_rewards: tuple[RewardSource, ...] = ()
+    build_tiny: bool = False  # build the tiny models under $PSD3D_HOME before loading
+
+
+@dataclass(frozen=True)
+class Image2dSettings:
+    """Algorithm 2 (appendix F.5): a 50-step DDIM-like schedule, Adam on the latent.
+    The 2D experiment replaces the loser's noise by the model's own prediction at a noisier
+    timestep (section 4.3), so ``second_noise`` is PREDICTED here; delta_cls keeps Algorithm
+    1's form (docs/paper-deviations.md says why)."""
+
+    steps: int = 50
+    resolution: int = 512  # pixels; the latent is resolution / 8
+    lr: float = 0.05  # Adam on the latent (not given by the paper; ours)
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(second_noise=SecondNoise.PREDICTED))
+    negative: NegativeConfig = field(default_factory=NegativeConfig)
+    schedule: DdimLikeSchedule = field(default_factory=DdimLikeSchedule)
+    snapshot_every: int = 5
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    models: ModelSet
+    image2d: Image2dSettings
+
+
+_TINY_ROOT = TINY_NAME  # resolved under $PSD3D_HOME/models
+TINY_MODELS = ModelSet(
+    prior=PriorSource(model=f"{_TINY_ROOT}/sd", tiny_decoder=f"{_TINY_ROOT}/taesd"),
+    target_reward=HpsSource(arch=TINY_CLIP_ARCH, checkpoint=f"{_TINY_ROOT}/hps/HPS_v2.1_compressed.pt",
+                            model_config=f"{_TINY_ROOT}/hps/{TINY_CLIP_ARCH}.json"),
+    unseen_rewards=(PickScoreSource(model=f"{_TINY_ROOT}/pickscore", processor=f"{_TINY_ROOT}/pickscore"),),
+    build_tiny=True,
+)
+SD21_MODELS = ModelSet(
+    prior=PriorSource(),
+    target_reward=HpsSource(),
+    unseen_rewards=(PickScoreSource(),),
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        description="random tiny models of the real classes: a plumbing check in seconds on a CPU, not pictures",
+        models=TINY_MODELS,
+        image2d=Image2dSettings(steps=30, resolution=128, snapshot_every=5,
+                                guidance=GuidanceConfig(second_noise=SecondNoise.PREDICTED,
+                                                        decode=DecodeConfig(tiny=True, latent_size=16))),
+    ),
+    "sd21-draft": Preset(
+        name="sd21-draft",
+        description="Stable Diffusion 2.1 base + HPSv2.1, fewer steps for a quick look",
+        models=SD21_MODELS,
+        image2d=Image2dSettings(steps=30),
+    ),
+    "sd21-paper": Preset(
+        name="sd21-paper",
+        description="Stable Diffusion 2.1 base + HPSv2.1 with the paper's settings (appendix F.1, F.5)",
+        models=SD21_MODELS,
+        image2d=Image2dSettings(steps=50),
+    ),
+}
+
+
+def get_preset(name: str, field_name: str = "preset") -> Preset:
+    if name not in PRESETS:
+        raise UnknownNameError(f"{field_name}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}", field=field_name)
+    return PRESETS[name]
+
+
+def with_overrides(guidance: GuidanceConfig, **overrides) -> GuidanceConfig:
+    """A copy with the non-None overrides applied (spec fields left unset keep the preset's)."""
+    return replace(guidance, **{k: v for k, v in overrides.items() if v is not None})

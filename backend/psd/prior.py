@@ -1,0 +1,157 @@
+"""The diffusion prior: a diffusers latent text-to-image model (Stable Diffusion layout).
+
+Components are the real classes — ``UNet2DConditionModel``, ``AutoencoderKL``,
+``CLIPTextModel``, ``CLIPTokenizer`` and the scheduler's noise schedule — loaded with
+``from_pretrained`` from a hub id or a local folder. An optional ``AutoencoderTiny`` (TAESD)
+decodes the one-step predictions the reward scores, which is far cheaper than the full VAE.
+
+Noise convention (paper Eq. 1): ``x_t = a_t x_0 + s_t eps`` with ``a_t = sqrt(abar_t)``,
+``s_t = sqrt(1 - abar_t)`` from the scheduler's ``alphas_cumprod``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from protocol.errors import InvalidInputError, require
+from backend.psd.loading import load_or_explain
+
+DEFAULT_PRIOR = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_TINY_DECODER = "madebyollin/taesd"  # TAESD: AutoencoderTiny for SD 1.x/2.x latents
+
+
+@dataclass(frozen=True)
+class PriorSource:
+    """Where the prior's files are. ``model`` is a diffusers folder or hub id with
+    ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` subfolders; ``tiny_decoder`` an
+    ``AutoencoderTiny`` for the reward path (None: the reward path uses the full VAE)."""
+
+    model: str = DEFAULT_PRIOR
+    tiny_decoder: str | None = DEFAULT_TINY_DECODER
+
+
+class DiffusionPrior:
+    """A frozen latent diffusion model used as a score function."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, tiny_decoder=None) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.tiny_decoder = tiny_decoder
+        for module in (unet, vae, text_encoder, tiny_decoder):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float64)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_channels = int(unet.config.in_channels)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, source: PriorSource, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "DiffusionPrior":
+        from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        def load(location: str, local_only: bool):
+            kw = dict(local_files_only=local_only)
+            unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype, **kw)
+            vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
+            text = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype, **kw)
+            tok = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+            sched = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kw)
+            return unet, vae, text, tok, sched
+
+        unet, vae, text, tok, sched = load_or_explain("diffusion prior", source.model, "preset.prior", load)
+        tiny = None
+        if source.tiny_decoder is not None:
+            tiny = load_or_explain(
+                "tiny reward-path decoder (AutoencoderTiny)",
+                source.tiny_decoder,
+                "preset.tiny_decoder",
+                lambda loc, lo: AutoencoderTiny.from_pretrained(loc, torch_dtype=dtype, local_files_only=lo),
+            )
+        modules = [m.to(device) for m in (unet, vae, text)]
+        return cls(*modules, tok, sched.alphas_cumprod, tiny.to(device) if tiny is not None else None)
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, s_t)`` shaped (N,1,1,1) in float32 for integer timesteps ``t`` (N,)."""
+        abar = self.alphas_cumprod[t.long().to(self.alphas_cumprod.device)]
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        return a.float().view(-1, 1, 1, 1), s.float().view(-1, 1, 1, 1)
+
+    # -- text ------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str, field: str = "prompt") -> None:
+        """Raise :class:`InvalidInputError` for an empty prompt or one past the tokenizer's limit."""
+        require(isinstance(prompt, str), field, f"must be a string, got {type(prompt).__name__}")
+        require(prompt.strip() != "", field, "is empty; describe the object, e.g. 'a wooden treasure chest'")
+        n_tokens = len(self.tokenizer(prompt, truncation=False).input_ids)
+        limit = self.tokenizer.model_max_length
+        if n_tokens > limit:
+            raise InvalidInputError(
+                f"{field}: {n_tokens} tokens, the text encoder reads at most {limit} "
+                f"(including start and end tokens); shorten it",
+                field=field,
+            )
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], field: str = "prompt") -> torch.Tensor:
+        """Text embeddings (N, L, D) of the encoder's last hidden state, as SD conditions on."""
+        for p in prompts:
+            self.check_prompt(p, field)
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    # -- noise prediction ------------------------------------------------------------------
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """eps_phi(x_t, cond, t) for a batch: x_t (N,C,h,w), t (N,), cond (N,L,D) -> (N,C,h,w).
+
+        Runs in the model's dtype and returns float32; gradients flow to ``cond`` and
+        ``x_t`` when they require them (model weights are frozen)."""
+        out = self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=cond.to(self.dtype)).sample
+        return out.float()
+
+    # -- VAE ------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0,1] (N,3,H,W) -> scaled latents (N,4,H/8,W/8), differentiable (posterior mean)."""
+        dist = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
+        return (dist.mean * self.scaling_factor).float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0,1] with the full VAE decoder (differentiable)."""
+        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def decode_for_reward(self, latents: torch.Tensor, latent_size: int | None = None, tiny: bool = True) -> torch.Tensor:
+        """Decode one-step predictions for the reward model only.
+
+        ``latent_size`` resizes the latents first (e.g. 28 for a 224-px reward), so the
+        decoder makes no pixels the reward would throw away; ``tiny`` uses AutoencoderTiny
+        when the prior has one."""
+        if latent_size is not None and latents.shape[-1] != latent_size:
+            latents = F.interpolate(latents, size=(latent_size, latent_size), mode="bilinear", align_corners=False, antialias=True)
+        if tiny and self.tiny_decoder is not None:
+            sf = float(self.tiny_decoder.config.scaling_factor)
+            images = self.tiny_decoder.decode((latents / sf).to(self.dtype)).sample
+            return ((images.float() + 1) / 2).clamp(0, 1)
+        return self.decode_latents(latents)

@@ -1,0 +1,65 @@
+"""Error classes shared by the backend, the wire protocol and its clients.
+
+Every error has a stable string ``code`` (what travels on the wire) and, where the
+fault lies in one input, the ``field`` it names. Messages say what was wrong and how
+to fix it, with the actual values.
+"""
+
+from __future__ import annotations
+
+
+class Psd3dError(Exception):
+    """Base class: every error psd3d raises on purpose derives from it."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "field": self.field, "message": self.message}
+
+
+class InvalidInputError(Psd3dError):
+    """A request field has a bad value (empty, too long, out of range, NaN...)."""
+
+    code = "invalid_input"
+
+
+class UnknownNameError(InvalidInputError):
+    """A name (method, preset, reward...) is not one of the offered choices."""
+
+    code = "unknown_name"
+
+
+class ModelNotFoundError(Psd3dError):
+    """Model weights are missing locally and cannot be fetched."""
+
+    code = "model_not_found"
+
+
+class NumericalError(Psd3dError):
+    """The optimisation produced NaN or inf."""
+
+    code = "numerical"
+
+
+class CancelledError(Psd3dError):
+    """A job was cancelled by its owner."""
+
+    code = "cancelled"
+
+
+def require(condition: bool, field: str, reason: str) -> None:
+    """Raise :class:`InvalidInputError` naming ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise InvalidInputError(f"{field}: {reason}", field=field)
+
+
+def require_choice(value: str, choices: list[str] | tuple[str, ...], field: str) -> None:
+    if value not in choices:
+        raise UnknownNameError(
+            f"{field}: unknown value {value!r}; choose one of {', '.join(choices)}", field=field
+        )

@@ -1,0 +1,42 @@
+"""Events a pipeline yields and the server streams: progress, snapshots, done, failed.
+
+``Progress``, ``Done`` and ``Failed`` are delivered exactly once and in order; snapshot
+events coalesce (a slow client gets the latest). Plain dataclasses: the wire codec turns
+them into a msgpack header plus raw array frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Progress:
+    step: int  # steps done so far (1-based after the first step)
+    total: int
+    stage: str  # e.g. "image2d", "geometry", "texture"
+    metrics: dict = field(default_factory=dict)  # the step's record (metrics.json schema)
+
+
+@dataclass
+class ImageSnapshot:
+    step: int
+    image: np.ndarray  # (H,W,4) uint8 sRGB RGBA, row 0 at the top
+
+
+@dataclass
+class Done:
+    outputs: dict  # name -> file path inside the job folder
+    final: dict  # metrics.json "final"
+
+
+@dataclass
+class Failed:
+    code: str
+    message: str
+    field: str | None = None
+
+
+Event = Progress | ImageSnapshot | Done | Failed
