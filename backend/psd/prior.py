@@ -23,6 +23,11 @@ DEFAULT_PRIOR = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_TINY_DECODER = "madebyollin/taesd"  # TAESD: AutoencoderTiny for SD 1.x/2.x latents
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision model outputs become float32 for the guidance math; float64 stays."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 @dataclass(frozen=True)
 class PriorSource:
     """Where the prior's files are. ``model`` is a diffusers folder or hub id with
@@ -129,18 +134,18 @@ class DiffusionPrior:
         Runs in the model's dtype and returns float32; gradients flow to ``cond`` and
         ``x_t`` when they require them (model weights are frozen)."""
         out = self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=cond.to(self.dtype)).sample
-        return out.float()
+        return at_least_fp32(out)
 
     # -- VAE ------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] (N,3,H,W) -> scaled latents (N,4,H/8,W/8), differentiable (posterior mean)."""
         dist = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
-        return (dist.mean * self.scaling_factor).float()
+        return at_least_fp32(dist.mean * self.scaling_factor)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0,1] with the full VAE decoder (differentiable)."""
         images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        return ((at_least_fp32(images) + 1) / 2).clamp(0, 1)
 
     def decode_for_reward(self, latents: torch.Tensor, latent_size: int | None = None, tiny: bool = True) -> torch.Tensor:
         """Decode one-step predictions for the reward model only.
@@ -153,5 +158,5 @@ class DiffusionPrior:
         if tiny and self.tiny_decoder is not None:
             sf = float(self.tiny_decoder.config.scaling_factor)
             images = self.tiny_decoder.decode((latents / sf).to(self.dtype)).sample
-            return ((images.float() + 1) / 2).clamp(0, 1)
+            return ((at_least_fp32(images) + 1) / 2).clamp(0, 1)
         return self.decode_latents(latents)

@@ -53,8 +53,9 @@ def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 
 def cosine_scores(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine between (B,D) image features and (D,) or (B,D) text features."""
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(text_features.float(), dim=-1)
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    img = F.normalize(image_features.to(dtype), dim=-1)
+    txt = F.normalize(text_features.to(dtype), dim=-1)
     return (img * txt.expand_as(img)).sum(-1)
 
 
@@ -115,11 +116,11 @@ class HpsReward:
     @torch.no_grad()
     def text_features(self, prompt: str) -> torch.Tensor:
         tokens = self.tokenizer([prompt]).to(self.device)
-        return self.model.encode_text(tokens)[0].float()
+        return self.model.encode_text(tokens)[0]
 
     def score(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        pixels = clip_preprocess(images.float(), self.image_size, CLIP_MEAN, CLIP_STD).to(dtype)
+        pixels = clip_preprocess(images.to(dtype), self.image_size, CLIP_MEAN, CLIP_STD)
         return cosine_scores(self.model.encode_image(pixels), text_features)
 
 
@@ -156,12 +157,12 @@ class PickScoreReward:
     def text_features(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer([prompt], padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
-        return _features(self.model.get_text_features(**ids))[0].float()
+        return _features(self.model.get_text_features(**ids))[0]
 
     def score(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        pixels = clip_preprocess(images.float(), self.image_size, self.mean, self.std).to(self.model.dtype)
+        pixels = clip_preprocess(images.to(self.model.dtype), self.image_size, self.mean, self.std)
         feats = _features(self.model.get_image_features(pixel_values=pixels))
-        return self.model.logit_scale.exp().float() * cosine_scores(feats, text_features)
+        return self.model.logit_scale.exp() * cosine_scores(feats, text_features)
 
 
 def load_reward(source: RewardSource, device="cpu", dtype=torch.float32) -> RewardModel:

@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def psd3d_home(tmp_path_factory):
+    """One PSD3D_HOME for the whole session: the tiny models are built once (about 10 s)."""
+    home = os.environ.get("PSD3D_TEST_HOME") or str(tmp_path_factory.mktemp("psd3d_home"))
+    os.environ["PSD3D_HOME"] = home
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny(psd3d_home):
+    """The tiny preset's models, loaded through the real loading path."""
+    from backend.models import load_models, quiet_libraries
+    from backend.presets import TINY_MODELS
+
+    quiet_libraries()
+    return load_models(TINY_MODELS, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
