@@ -147,6 +147,7 @@ class ParticleRun:
     unseen: torch.Tensor  # (N,) unseen reward
     log_likelihood: torch.Tensor  # (N,) log p_0(x | y)
     negative: torch.Tensor  # final n (1,1,E)
+    beta_mean: float | None  # mean beta_r over the pair steps (None without pairs)
 
 
 def distill_particles(world: ToyWorld, guidance, negative_config, particles: int = 256, seed: int = 0,
@@ -169,13 +170,17 @@ def distill_particles(world: ToyWorld, guidance, negative_config, particles: int
     optimizer = torch.optim.Adam([theta], lr=world.lr)
     negative = NegativeEmbedding(world.n0_embedding(), negative_config)
     distiller = ScoreDistiller(prior, reward, None, world.y_embedding(), negative, guidance, generator)
+    betas = []
     for i in range(steps):
         t = schedule.sample(i, steps, particles, prior.num_train_timesteps, generator)
         out = distiller.step(theta, t, i)
+        if out.beta_r is not None:
+            betas.append(float(out.beta_r.mean()))
         optimizer.zero_grad(set_to_none=True)
         distillation_loss(theta, out.grad).backward()
         optimizer.step()
     x = theta.detach().reshape(particles, -1)
     return ParticleRun(x=x, target=target.score(x), unseen=world.unseen().score(x),
                        log_likelihood=prior.log_likelihood(x, world.y_embedding()),
-                       negative=negative.value.detach().clone())
+                       negative=negative.value.detach().clone(),
+                       beta_mean=sum(betas) / len(betas) if betas else None)
