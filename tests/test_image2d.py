@@ -100,13 +100,14 @@ class CountingPrior:
         return self.prior.predict_eps(x_t, t, cond)
 
 
-@pytest.mark.parametrize("method,interval", [("psd", 1), ("psd", 2), ("psd", 5), ("sds", 1), ("dreamdpo", 1)])
-def test_step_structure_and_interval(tiny, method, interval):
+@pytest.mark.parametrize("method,interval,reuse", [("psd", 1, True), ("psd", 2, True), ("psd", 5, True),
+                                                   ("psd", 2, False), ("sds", 1, True), ("dreamdpo", 1, True)])
+def test_step_structure_and_interval(tiny, method, interval, reuse):
     prior = CountingPrior(tiny.prior)
     y = tiny.prior.encode_text(["a cup"])
     neg = NegativeEmbedding(tiny.prior.encode_text(["blurry"]), NegativeConfig())
     feats = tiny.target_reward.text_features("a cup")
-    d = ScoreDistiller(prior, tiny.target_reward, feats, y, neg, GuidanceConfig(method=Method(method), interval=interval),
+    d = ScoreDistiller(prior, tiny.target_reward, feats, y, neg, GuidanceConfig(method=Method(method), interval=interval, reuse_winner_forward=reuse),
                        torch.Generator().manual_seed(0))
     x = torch.randn(2, 4, 16, 16)  # two views
     n_before = neg.value.detach().clone()
@@ -116,10 +117,15 @@ def test_step_structure_and_interval(tiny, method, interval):
         out = d.step(x, torch.tensor([500, 500]), step)
         pairs.append(out.pair)
         assert out.grad.shape == x.shape and torch.isfinite(out.grad).all()
-        if out.pair:
+        if out.pair and method == "psd" and reuse:
+            # y branch for both samples without a graph; each sample's n branch with one (reused for the n step)
+            assert prior.batches == [(4, False), (2, True), (2, True)]
+        elif out.pair:
             assert prior.batches[0] == (8, False)  # one batched call: 2 views x {x1, x2} x {y, n}
             if method == "psd":
-                assert prior.batches[1] == (2, True)  # the n branch again, with a graph, winner only
+                assert prior.batches[1:] == [(2, True)]  # the winner's n branch again, with a graph
+            else:
+                assert prior.batches[1:] == []
         else:
             assert prior.batches == [(4, False)]  # plain SDS: 2 views x {y, n}
     expected = [method != "sds" and s % interval == 0 for s in range(5)]
@@ -149,3 +155,21 @@ def test_cli_runs_a_tiny_job(tmp_path, psd3d_home):
     bad = subprocess.run([sys.executable, "-m", "backend.cli", "image2d", "--prompt", " ", "--steps", "3",
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "prompt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reusing_the_winners_forward_gives_the_same_n_step_and_guidance(tiny):
+    y = tiny.prior.encode_text(["a cup"])
+    n0 = tiny.prior.encode_text(["blurry"])
+    feats = tiny.target_reward.text_features("a cup")
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    outs, ns = [], []
+    for reuse in (True, False):
+        neg = NegativeEmbedding(n0, NegativeConfig(lr=1e-2))
+        d = ScoreDistiller(tiny.prior, tiny.target_reward, feats, y, neg, GuidanceConfig(reuse_winner_forward=reuse),
+                           torch.Generator().manual_seed(0))
+        outs.append(d.step(x, torch.tensor([300, 300]), 0))
+        ns.append(neg.value.detach())
+    torch.testing.assert_close(outs[0].grad, outs[1].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0].reward_w, outs[1].reward_w, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ns[0], n0)
+    torch.testing.assert_close(ns[0], ns[1], rtol=1e-4, atol=1e-6)

@@ -40,26 +40,28 @@ class GaussianMixturePrior:
         """Mixture weights (N,K) from embeddings (N,1,E) (or (N,E))."""
         return torch.softmax(cond.reshape(cond.shape[0], -1).double() @ self.weight_map.T, dim=-1)
 
-    def log_density(self, x: torch.Tensor, cond: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """log p_t(x | c): x (N,d[,1,1]), alpha/sigma broadcastable to (N,1) -> (N,)."""
+    def _components(self, x: torch.Tensor, cond, alpha, sigma):
+        """Per component k of p_t: offsets x - a mu_k (N,K,d), variances (N,K), and
+        log pi_k(c) + log N(x; a mu_k, var_k I) (N,K)."""
         x = x.reshape(x.shape[0], -1).double()
         a, s = alpha.reshape(-1, 1).double(), sigma.reshape(-1, 1).double()
-        var = a**2 * self.stds.view(1, -1) ** 2 + s**2  # (N,K)
-        diff = x[:, None, :] - a[:, :, None] * self.means[None]  # (N,K,d)
+        var = a**2 * self.stds.view(1, -1) ** 2 + s**2
+        diff = x[:, None, :] - a[:, :, None] * self.means[None]
         log_comp = -0.5 * (diff**2).sum(-1) / var - 0.5 * self.dim * torch.log(2 * torch.pi * var)
-        return torch.logsumexp(torch.log(self.weights(cond)) + log_comp, dim=-1)
+        return diff, var, torch.log(self.weights(cond)) + log_comp
+
+    def log_density(self, x: torch.Tensor, cond: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log p_t(x | c): x (N,d[,1,1]), alpha/sigma broadcastable to (N,1) -> (N,)."""
+        return torch.logsumexp(self._components(x, cond, alpha, sigma)[2], dim=-1)
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """eps = -s_t grad_x log p_t(x | c), computed in closed form (float64 inside)."""
         a, s = self.alpha_sigma(t)
-        x = x_t.reshape(x_t.shape[0], -1).double()
-        a2, s2 = a.reshape(-1, 1).double(), s.reshape(-1, 1).double()
-        var = a2**2 * self.stds.view(1, -1) ** 2 + s2**2  # (N,K)
-        diff = x[:, None, :] - a2[:, :, None] * self.means[None]  # (N,K,d)
-        log_comp = -0.5 * (diff**2).sum(-1) / var - 0.5 * self.dim * torch.log(2 * torch.pi * var)
-        resp = torch.softmax(torch.log(self.weights(cond)) + log_comp, dim=-1)  # (N,K)
+        diff, var, log_joint = self._components(x_t, cond, a, s)
+        resp = torch.softmax(log_joint, dim=-1)  # (N,K) posterior over components
         score = -(resp[:, :, None] * diff / var[:, :, None]).sum(1)  # (N,d)
-        return (-s2 * score).to(x_t.dtype if x_t.dtype == torch.float64 else torch.float32).view_as(x_t)
+        eps = -s.reshape(-1, 1).double() * score
+        return eps.to(x_t.dtype if x_t.dtype == torch.float64 else torch.float32).view_as(x_t)
 
     def decode_for_reward(self, latents: torch.Tensor, **_: object) -> torch.Tensor:
         return latents

@@ -61,6 +61,11 @@ class GuidanceConfig:
     predicted_noise_offset: int = 20
     interval: int = 1
     preference_guidance: bool = True  # False: winner selection only (beta_r = 0), an ablation
+    # On PSD steps that update n: run the n branch of the ranking pass with a graph and
+    # backpropagate the winner's reward through it (no second UNet/decode/reward forward),
+    # at the cost of keeping both samples' graphs until the winner is known. False: rank
+    # without graphs, then recompute the winner's n branch with one.
+    reuse_winner_forward: bool = True
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
@@ -120,13 +125,15 @@ class ScoreDistiller:
 
         eps2 = self._second_noise(x0, t)
         x2 = G.add_noise(x0, eps2, a, s)
-        # Alg. 1 line 7 + section 3.1: one batched call gives eps(x_i, y) and eps(x_i, n) for both.
-        eps_y1, eps_y2, eps_n1, eps_n2 = self._eps([x1, x2, x1, x2], t, [self.y, self.y, n, n])
+        update_n = cfg.method is Method.PSD and self.negative.trainable(step)
+        if update_n and cfg.reuse_winner_forward:
+            (eps_y1, eps_y2, eps_n1, eps_n2), (r1, r2), neg_r = self._rank_and_update_n(x1, x2, t, a, s, step)
+        else:
+            # Alg. 1 line 7 + section 3.1: one batched call gives eps(x_i, y) and eps(x_i, n) for both.
+            eps_y1, eps_y2, eps_n1, eps_n2 = self._eps([x1, x2, x1, x2], t, [self.y, self.y, n, n])
+            r1, r2 = self._rank(x1, x2, eps_y1, eps_y2, eps_n1, eps_n2, a, s)
+            neg_r = None
         cfg1, cfg2 = G.cfg(eps_y1, eps_n1, cfg.guidance_scale), G.cfg(eps_y2, eps_n2, cfg.guidance_scale)
-        with torch.no_grad():
-            x0hat = G.tweedie_x0(torch.cat([x1, x2]), torch.cat([cfg1, cfg2]), a.repeat(2, 1, 1, 1), s.repeat(2, 1, 1, 1))
-            images = self.prior.decode_for_reward(x0hat, **vars(cfg.decode))
-            r1, r2 = self.reward.score(images, self.text_features).float().chunk(2)
         win = G.winner_mask(r1, r2)
         pw = lambda u, v: G.pick(win, u, v)  # noqa: E731 - winner's / loser's value
         x_w, eps_w, eps_l = pw(x1, x2), pw(eps1, eps2), pw(eps2, eps1)
@@ -150,11 +157,40 @@ class ScoreDistiller:
         if not torch.isfinite(grad).all():
             raise NumericalError(f"step {step}: the guidance holds NaN or inf (t={t.tolist()})")
 
-        neg_r = None
-        if cfg.method is Method.PSD and self.negative.trainable(step):  # Alg. 1 line 11, Eq. 13
+        if update_n and not cfg.reuse_winner_forward:  # Alg. 1 line 11, Eq. 13
             neg_r = self.negative.update(self.prior, self.reward, self.text_features, x_w, t, eps_y_w,
                                          cfg.guidance_scale, vars(cfg.decode), step)
         return StepOutput(grad=grad, t=t, pair=True, reward_w=r_w, reward_l=r_l, beta_r=beta, negative_reward=neg_r)
+
+    def _rank(self, x1, x2, eps_y1, eps_y2, eps_n1, eps_n2, a, s) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards (N,) of both samples' one-step predictions x0 = Tweedie(x_i, eps~_i) (Alg. 1 line 7)."""
+        g = self.config.guidance_scale
+        with torch.no_grad():
+            x0hat = G.tweedie_x0(torch.cat([x1, x2]), torch.cat([G.cfg(eps_y1, eps_n1, g), G.cfg(eps_y2, eps_n2, g)]),
+                                 a.repeat(2, 1, 1, 1), s.repeat(2, 1, 1, 1))
+            images = self.prior.decode_for_reward(x0hat, **vars(self.config.decode))
+            r1, r2 = self.reward.score(images, self.text_features).float().chunk(2)
+        return r1, r2
+
+    def _rank_and_update_n(self, x1, x2, t, a, s, step):
+        """Rank the pair and take the n step (Eq. 13) from one forward: the n branch, Tweedie,
+        decode and reward of each sample keep their graphs; only the winners' rewards are
+        backpropagated (a sample set that won no view is never traversed)."""
+        g = self.config.guidance_scale
+        eps_y1, eps_y2 = self._eps([x1, x2], t, [self.y, self.y])
+        n = self.negative.value
+        eps_n, rewards = [], []
+        with torch.enable_grad():
+            for x_i, eps_y in ((x1, eps_y1), (x2, eps_y2)):
+                e_n = self.prior.predict_eps(x_i, t, n.expand(x_i.shape[0], *n.shape[1:]))
+                x0hat = G.tweedie_x0(x_i, G.cfg(eps_y, e_n, g), a, s)
+                r = self.reward.score(self.prior.decode_for_reward(x0hat, **vars(self.config.decode)), self.text_features)
+                eps_n.append(e_n)
+                rewards.append(r.float())
+            win = G.winner_mask(rewards[0].detach(), rewards[1].detach())
+            terms = [r[m].sum() for r, m in ((rewards[0], win), (rewards[1], ~win)) if m.any()]
+            neg_r = self.negative.ascend(sum(terms) / win.numel(), step)
+        return (eps_y1, eps_y2, eps_n[0].detach(), eps_n[1].detach()), (rewards[0].detach(), rewards[1].detach()), neg_r
 
     def _second_noise(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.config.second_noise is SecondNoise.RANDOM:

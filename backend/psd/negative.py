@@ -65,17 +65,22 @@ class NegativeEmbedding:
     def trainable(self, step: int) -> bool:
         return self.lr_at(step) > 0
 
-    def update(self, prior, reward, text_features, x_t, t, eps_y, gamma: float, decode: dict, step: int) -> float:
-        """One Adam ascent step on Eq. 13 (mean over samples). Returns the reward before it."""
+    def ascend(self, reward: torch.Tensor, step: int) -> float:
+        """One Adam ascent step on a scalar reward whose graph reaches ``self.value``."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            r = negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, self.value, gamma, decode)
-            (-r.mean()).backward()
+        (-reward).backward()
         self.optimizer.step()
         self.updates += 1
-        return float(r.detach().mean())
+        return float(reward.detach())
+
+    def update(self, prior, reward, text_features, x_t, t, eps_y, gamma: float, decode: dict, step: int) -> float:
+        """One Adam ascent step on Eq. 13 (mean over samples), recomputing the n branch at x_t.
+        Returns the reward before the step."""
+        with torch.enable_grad():
+            r = negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, self.value, gamma, decode)
+            return self.ascend(r.mean(), step)
 
     # -- persistence: the learned n travels between jobs (appendix H.1) -------------------
     def save(self, path: str | Path) -> None:

@@ -1,0 +1,107 @@
+"""Cameras in DESIGN.md's convention: 4x4 camera-to-world matrices, OpenGL style (the camera
+looks down -Z with +Y up), vertical field of view in degrees; world is glTF's (+Y up, metres).
+
+A rig is either a sampling spec (:class:`OrbitSpec`) or a list of explicit cameras.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Camera:
+    c2w: torch.Tensor  # (4,4) float32 camera-to-world
+    fov_y: float  # degrees
+    width: int
+    height: int
+    azimuth: float | None = None  # degrees, for view-dependent prompts; None for explicit cameras
+
+    def projection(self, near: float = 0.01, far: float = 100.0) -> torch.Tensor:
+        return perspective(self.fov_y, self.width / self.height, near, far)
+
+    def mvp(self) -> torch.Tensor:
+        """World -> clip (4,4)."""
+        return self.projection() @ torch.linalg.inv(self.c2w)
+
+
+def perspective(fov_y: float, aspect: float, near: float, far: float) -> torch.Tensor:
+    """OpenGL projection (camera space, -Z forward) -> clip space, z/w in [-1, 1]."""
+    f = 1.0 / math.tan(math.radians(fov_y) / 2)
+    return torch.tensor([
+        [f / aspect, 0, 0, 0],
+        [0, f, 0, 0],
+        [0, 0, (far + near) / (near - far), 2 * far * near / (near - far)],
+        [0, 0, -1, 0],
+    ], dtype=torch.float32)
+
+
+def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)) -> torch.Tensor:
+    """Camera-to-world (4,4) for a camera at ``eye`` looking at ``target`` (-Z toward it)."""
+    eye, target, up = (torch.as_tensor(x, dtype=torch.float32) for x in (eye, target, up))
+    back = torch.nn.functional.normalize(eye - target, dim=0)  # camera +Z
+    right = torch.nn.functional.normalize(torch.linalg.cross(up, back), dim=0)
+    true_up = torch.linalg.cross(back, right)
+    c2w = torch.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, true_up, back, eye
+    return c2w
+
+
+def orbit_position(elevation: float, azimuth: float, distance: float) -> tuple[float, float, float]:
+    """Y-up orbit: azimuth 0 looks from +Z (the front), 90 from +X; elevation above the XZ plane."""
+    el, az = math.radians(elevation), math.radians(azimuth)
+    return (distance * math.cos(el) * math.sin(az), distance * math.sin(el), distance * math.cos(el) * math.cos(az))
+
+
+@dataclass(frozen=True)
+class OrbitSpec:
+    """Camera sampling as score-distillation pipelines use it (threestudio's random-camera
+    defaults: elevation [-10, 45] deg, azimuth [-180, 180], distance [1.5, 2.0] x unit object,
+    fov [40, 70] deg)."""
+
+    elevation: tuple[float, float] = (-10.0, 45.0)
+    azimuth: tuple[float, float] = (-180.0, 180.0)
+    distance: tuple[float, float] = (1.5, 2.0)
+    fov_y: tuple[float, float] = (40.0, 70.0)
+    width: int = 64
+    height: int = 64
+
+    def sample(self, n: int, generator: torch.Generator) -> list[Camera]:
+        u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+        cams = []
+        for row in u.tolist():
+            el = self.elevation[0] + row[0] * (self.elevation[1] - self.elevation[0])
+            az = self.azimuth[0] + row[1] * (self.azimuth[1] - self.azimuth[0])
+            dist = self.distance[0] + row[2] * (self.distance[1] - self.distance[0])
+            fov = self.fov_y[0] + row[3] * (self.fov_y[1] - self.fov_y[0])
+            cams.append(Camera(look_at(orbit_position(el, az, dist)), fov, self.width, self.height, az))
+        return cams
+
+    def turntable(self, n: int, elevation: float = 15.0) -> list[Camera]:
+        """n evenly spaced views around the object, for previews and evaluation (appendix F.2)."""
+        dist = sum(self.distance) / 2
+        fov = sum(self.fov_y) / 2
+        return [Camera(look_at(orbit_position(elevation, 360.0 * i / n, dist)), fov, self.width, self.height, 360.0 * i / n)
+                for i in range(n)]
+
+
+def view_suffix(azimuth: float | None) -> str:
+    """DreamFusion's view-dependent prompting: front (|az| < 45), back (|az| > 135), else side."""
+    if azimuth is None:
+        return ""
+    az = (azimuth + 180.0) % 360.0 - 180.0
+    if abs(az) < 45:
+        return ", front view"
+    if abs(az) > 135:
+        return ", back view"
+    return ", side view"
+
+
+def to_clip(vertices: torch.Tensor, cameras: list[Camera]) -> torch.Tensor:
+    """World positions (V,3) -> clip positions (B,V,4) for each camera."""
+    homo = torch.cat([vertices, torch.ones_like(vertices[:, :1])], dim=1)
+    mvp = torch.stack([c.mvp() for c in cameras]).to(vertices)
+    return homo[None] @ mvp.transpose(1, 2)
