@@ -16,6 +16,9 @@ from backend.psd.prior import PriorSource
 from backend.psd.rewards import HpsSource, PickScoreSource, RewardSource
 from backend.psd.schedule import DdimLikeSchedule
 from backend.psd.tiny import TINY_CLIP_ARCH, TINY_NAME
+from backend.pipelines.geometry_stage import GeometrySettings
+from backend.pipelines.texture_stage import TextureSettings
+from backend.render.camera import OrbitSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Preset:
     description: str
     models: ModelSet
     image2d: Image2dSettings
+    geometry: GeometrySettings
+    texture: TextureSettings
 
 
 _TINY_ROOT = TINY_NAME  # resolved under $PSD3D_HOME/models
@@ -72,18 +77,28 @@ PRESETS: dict[str, Preset] = {
         image2d=Image2dSettings(steps=30, resolution=128, snapshot_every=5,
                                 guidance=GuidanceConfig(second_noise=SecondNoise.PREDICTED,
                                                         decode=DecodeConfig(tiny=True, latent_size=16))),
+        geometry=GeometrySettings(steps=8, grid_resolution=16, render_size=64, prior_size=64, snapshot_every=4,
+                                  cameras=OrbitSpec(width=64, height=64)),
+        texture=TextureSettings(steps=8, render_size=64, prior_size=64, texture_size=64, texture_levels=2,
+                                cameras=OrbitSpec(width=64, height=64), snapshot_every=4, checkpoint_every=4,
+                                guidance=GuidanceConfig(guidance_scale=101.0, decode=DecodeConfig(tiny=True, latent_size=16)),
+                                negative=NegativeConfig(lr=1e-5, freeze_after=1000)),
     ),
     "sd21-draft": Preset(
         name="sd21-draft",
         description="Stable Diffusion 2.1 base + HPSv2.1, fewer steps for a quick look",
         models=SD21_MODELS,
         image2d=Image2dSettings(steps=30),
+        geometry=GeometrySettings(steps=3000, grid_resolution=64, render_size=256, prior_size=512),
+        texture=TextureSettings(steps=3000, render_size=512, texture_size=512),
     ),
     "sd21-paper": Preset(
         name="sd21-paper",
         description="Stable Diffusion 2.1 base + HPSv2.1 with the paper's settings (appendix F.1, F.5)",
         models=SD21_MODELS,
         image2d=Image2dSettings(steps=50),
+        geometry=GeometrySettings(),
+        texture=TextureSettings(),
     ),
 }
 

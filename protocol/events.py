@@ -39,4 +39,23 @@ class Failed:
     field: str | None = None
 
 
-Event = Progress | ImageSnapshot | Done | Failed
+
+@dataclass
+class MeshSnapshot:
+    """The current mesh in the output frame; ``topology_id`` changes only when faces change,
+    so a client may update positions alone when it is unchanged."""
+
+    step: int
+    positions: np.ndarray  # (V,3) float32
+    faces: np.ndarray  # (F,3) int32
+    uvs: np.ndarray | None  # (F,3,2) float32 per corner, glTF convention
+    topology_id: int
+
+
+@dataclass
+class TextureSnapshot:
+    step: int
+    image: np.ndarray  # (H,W,4) uint8 sRGB RGBA, row 0 at the top
+
+
+Event = Progress | ImageSnapshot | MeshSnapshot | TextureSnapshot | Done | Failed

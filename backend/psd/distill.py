@@ -106,9 +106,11 @@ class ScoreDistiller:
     def is_pair_step(self, step: int) -> bool:
         return self.config.method is not Method.SDS and step % self.config.interval == 0
 
-    def step(self, x_c: torch.Tensor, t: torch.Tensor, step: int) -> StepOutput:
-        """x_c (N,C,h,w) clean latents; t (N,) integer timesteps; step the iteration index."""
+    def step(self, x_c: torch.Tensor, t: torch.Tensor, step: int, y: torch.Tensor | None = None) -> StepOutput:
+        """x_c (N,C,h,w) clean latents; t (N,) integer timesteps; step the iteration index;
+        ``y`` (N,L,D) per-view prompt embeddings (view-dependent prompts), default the run's."""
         cfg = self.config
+        y = self.y if y is None else y
         x0 = x_c.detach().float()
         if not torch.isfinite(x0).all():
             raise NumericalError(f"step {step}: the latent holds NaN or inf")
@@ -119,18 +121,18 @@ class ScoreDistiller:
         x1 = G.add_noise(x0, eps1, a, s)
 
         if not self.is_pair_step(step):  # plain SDS, Eq. 14
-            eps_y, eps_n = self._eps([x1, x1], t, [self.y, n])
+            eps_y, eps_n = self._eps([x1, x1], t, [y, n])
             grad = w * G.sds_direction(G.cfg(eps_y, eps_n, cfg.guidance_scale), eps1)
             return StepOutput(grad=grad, t=t, pair=False)
 
-        eps2 = self._second_noise(x0, t)
+        eps2 = self._second_noise(x0, t, y)
         x2 = G.add_noise(x0, eps2, a, s)
         update_n = cfg.method is Method.PSD and self.negative.trainable(step)
         if update_n and cfg.reuse_winner_forward:
-            (eps_y1, eps_y2, eps_n1, eps_n2), (r1, r2), neg_r = self._rank_and_update_n(x1, x2, t, a, s, step)
+            (eps_y1, eps_y2, eps_n1, eps_n2), (r1, r2), neg_r = self._rank_and_update_n(x1, x2, t, a, s, step, y)
         else:
             # Alg. 1 line 7 + section 3.1: one batched call gives eps(x_i, y) and eps(x_i, n) for both.
-            eps_y1, eps_y2, eps_n1, eps_n2 = self._eps([x1, x2, x1, x2], t, [self.y, self.y, n, n])
+            eps_y1, eps_y2, eps_n1, eps_n2 = self._eps([x1, x2, x1, x2], t, [y, y, n, n])
             r1, r2 = self._rank(x1, x2, eps_y1, eps_y2, eps_n1, eps_n2, a, s)
             neg_r = None
         cfg1, cfg2 = G.cfg(eps_y1, eps_n1, cfg.guidance_scale), G.cfg(eps_y2, eps_n2, cfg.guidance_scale)
@@ -172,12 +174,12 @@ class ScoreDistiller:
             r1, r2 = self.reward.score(images, self.text_features).float().chunk(2)
         return r1, r2
 
-    def _rank_and_update_n(self, x1, x2, t, a, s, step):
+    def _rank_and_update_n(self, x1, x2, t, a, s, step, y):
         """Rank the pair and take the n step (Eq. 13) from one forward: the n branch, Tweedie,
         decode and reward of each sample keep their graphs; only the winners' rewards are
         backpropagated (a sample set that won no view is never traversed)."""
         g = self.config.guidance_scale
-        eps_y1, eps_y2 = self._eps([x1, x2], t, [self.y, self.y])
+        eps_y1, eps_y2 = self._eps([x1, x2], t, [y, y])
         n = self.negative.value
         eps_n, rewards = [], []
         with torch.enable_grad():
@@ -192,11 +194,11 @@ class ScoreDistiller:
             neg_r = self.negative.ascend(sum(terms) / win.numel(), step)
         return (eps_y1, eps_y2, eps_n[0].detach(), eps_n[1].detach()), (rewards[0].detach(), rewards[1].detach()), neg_r
 
-    def _second_noise(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _second_noise(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.config.second_noise is SecondNoise.RANDOM:
             return self._randn(x0)
         s_t = (t + self.config.predicted_noise_offset).clamp(max=self.prior.num_train_timesteps - 1)
         a, s = self.prior.alpha_sigma(s_t)
         x_s = G.add_noise(x0, self._randn(x0), a, s)
-        (eps,) = self._eps([x_s], s_t, [self.y])
+        (eps,) = self._eps([x_s], s_t, [y])
         return eps

@@ -1,0 +1,152 @@
+"""The geometry stage of generate: DMTet optimised by SDS on normal and shaded renders
+(appendix F.1: "we only PSD in the texture space" — rewards are trained on RGB images)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from protocol.errors import NumericalError
+from protocol.events import MeshSnapshot, Progress
+from backend.files import atomic_torch_save
+from backend.geometry.dmtet import TetGrid, marching_tets
+from backend.geometry.sdf import normal_consistency
+from backend.models import LoadedModels
+from backend.outputs import MetricsLog
+from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
+from backend.psd.guidance import distillation_loss
+from backend.psd.negative import NegativeConfig, NegativeEmbedding
+from backend.psd.schedule import AnnealedSchedule
+from backend.render.camera import OrbitSpec, view_suffix
+from backend.render.ops import RasterContext
+from backend.render.shading import rasterize_views, render_lambertian, render_normals
+
+
+class Primitive(str, Enum):
+    SPHERE = "sphere"
+    ELLIPSOID = "ellipsoid"
+
+
+@dataclass(frozen=True)
+class GeometrySettings:
+    """Paper F.1 (3-stage DMTet, geometry): 15000 steps at 1024^2. Grid resolution, lr and
+    regulariser weight are ours (threestudio's Fantasia3D-style defaults: grid 128, lr 0.01)."""
+
+    steps: int = 15000
+    grid_resolution: int = 128
+    render_size: int = 1024
+    prior_size: int = 512
+    lr: float = 0.01
+    views: int = 1
+    primitive: Primitive = Primitive.SPHERE
+    primitive_radius: float = 0.5  # in the unit frame, where the object spans [-0.5, 0.5]
+    normal_consistency_weight: float = 0.1
+    normal_render_probability: float = 0.5  # else Lambertian-shaded grey
+    cameras: OrbitSpec = field(default_factory=OrbitSpec)
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method=Method.SDS, guidance_scale=101.0))
+    schedule: AnnealedSchedule = field(default_factory=AnnealedSchedule)
+    snapshot_every: int = 50
+    checkpoint_every: int = 200
+
+
+class GeometryStage:
+    CHECKPOINT = "checkpoints/geometry.pt"
+
+    def __init__(self, models: LoadedModels, prompt: str, negative_init: torch.Tensor, sdf_init: torch.Tensor,
+                 grid: TetGrid, settings: GeometrySettings, seed: int, out_dir: Path, to_world: Callable) -> None:
+        self.models, self.settings, self.out, self.to_world = models, settings, out_dir, to_world
+        prior = models.prior
+        self.device = prior.device
+        self.ctx = RasterContext(self.device)
+        self.grid = TetGrid(grid.vertices.to(self.device), grid.tets.to(self.device), grid.resolution)
+        self.sdf = torch.nn.Parameter(sdf_init.to(self.device).float().clone())
+        self.deform = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
+        self.optimizer = torch.optim.Adam([self.sdf, self.deform], lr=settings.lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        suffixes = [", front view", ", side view", ", back view"]
+        embeds = prior.encode_text([prompt + s for s in suffixes])
+        self.view_embeddings = {s: embeds[i : i + 1] for i, s in enumerate(suffixes)}
+        negative = NegativeEmbedding(negative_init, NegativeConfig(lr=0.0))  # SDS here: n stays fixed
+        self.distiller = ScoreDistiller(prior, models.target_reward, None, embeds[:1], negative,
+                                        settings.guidance, self.generator)
+        self.cameras = OrbitSpec(**{**settings.cameras.__dict__, "width": settings.render_size, "height": settings.render_size})
+        self.step = 0
+        self.log = MetricsLog()
+        self.topology_id = 0
+        self._last_faces: torch.Tensor | None = None
+
+    def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current surface (unit frame): marching tets on the deformed grid. Deformation is
+        bounded to half a cell so tetrahedra cannot invert."""
+        offset = torch.tanh(self.deform) * (1.0 / self.grid.resolution)
+        verts, faces = marching_tets(self.grid.vertices + offset, self.grid.tets, self.sdf)
+        if faces.shape[0] == 0:
+            raise NumericalError(f"geometry step {self.step}: the surface vanished (no zero crossing left in the SDF)")
+        return verts, faces
+
+    def snapshot(self, verts: torch.Tensor, faces: torch.Tensor) -> MeshSnapshot:
+        if self._last_faces is None or not torch.equal(self._last_faces, faces):
+            self.topology_id += 1
+            self._last_faces = faces.clone()
+        world = self.to_world(verts.detach().cpu().numpy()).astype("float32")
+        return MeshSnapshot(self.step, world, faces.cpu().numpy().astype("int32"), None, self.topology_id)
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save({"step": self.step, "sdf": self.sdf.detach().cpu(), "deform": self.deform.detach().cpu(),
+                           "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                           "metrics": self.log.steps}, self.out / self.CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / self.CHECKPOINT
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.sdf.data.copy_(state["sdf"])
+        self.deform.data.copy_(state["deform"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.log.steps, self.step = state["metrics"], state["step"]
+        return True
+
+    def run(self, total: int, should_stop: Callable[[], bool]) -> Iterator:
+        s = self.settings
+        prior = self.models.prior
+        while self.step < total:
+            if should_stop():
+                return
+            start = time.perf_counter()
+            verts, faces = self.extract()
+            cams = self.cameras.sample(s.views, self.generator)
+            y = torch.cat([self.view_embeddings[view_suffix(c.azimuth)] for c in cams])
+            frags = rasterize_views(self.ctx, verts, faces.int(), cams)
+            if float(torch.rand(1, generator=self.generator)) < s.normal_render_probability:
+                images = render_normals(self.ctx, frags, verts, faces, torch.ones(3, device=self.device))
+            else:
+                light = F.normalize(cams[0].c2w[:3, 3].to(self.device) + torch.randn(3, generator=self.generator).to(self.device) * 0.5, dim=0)
+                images = render_lambertian(self.ctx, frags, verts, faces, light)
+            if images.shape[-1] != s.prior_size:
+                images = F.interpolate(images, size=(s.prior_size, s.prior_size), mode="bilinear", align_corners=False)
+            t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
+            x_c = prior.encode_images(images)
+            out = self.distiller.step(x_c, t, self.step, y=y)
+            loss = distillation_loss(x_c, out.grad)
+            if s.normal_consistency_weight > 0:
+                loss = loss + s.normal_consistency_weight * normal_consistency(verts, faces)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            record = self.log.add(self.step - 1, int(t[0]), seconds=time.perf_counter() - start, stage="geometry",
+                                  faces=int(faces.shape[0]))
+            yield Progress(self.step, total, "geometry", record)
+            if self.step % s.snapshot_every == 0 or self.step == total:
+                with torch.no_grad():
+                    yield self.snapshot(*self.extract())
+            if self.step % s.checkpoint_every == 0:
+                self.save_checkpoint()

@@ -1,0 +1,143 @@
+"""The two 3D pipelines, as event generators (DESIGN.md "Pipelines").
+
+``run_refine``: the artist's mesh is the fixed geometry; its UVs are kept (xatlas unwraps it
+when it has none) and its texture is the start; only the texture stage runs.
+``run_generate``: DMTet from a primitive or a blocked-out mesh -> geometry stage (SDS on
+normal / shaded renders) -> extract -> unwrap -> texture stage (PSD) -> export.
+Both optimise in a unit frame and write every result back in the input's own frame.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from protocol.errors import Psd3dError
+from protocol.events import Event, Failed, MeshSnapshot, TextureSnapshot
+from protocol.specs import GenerateSpec, RefineSpec
+from backend.files import atomic_write_json
+from backend.geometry.dmtet import TetGrid, ellipsoid_sdf, sphere_sdf
+from backend.geometry.mesh import Mesh, Normalisation, load_mesh
+from backend.geometry.sdf import mesh_sdf
+from backend.geometry.uv import unwrap
+from backend.models import LoadedModels, load_models
+from backend.pipelines.common import internal_failure
+from backend.pipelines.geometry_stage import GeometryStage, Primitive
+from backend.pipelines.image2d import _describe
+from backend.pipelines.results import finish, mesh_snapshot_arrays
+from backend.pipelines.texture_stage import TextureStage
+from backend.presets import PRESETS, Preset, get_preset, with_overrides
+from backend.psd.distill import Method
+from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS, NegativeEmbedding
+
+
+def _guarded(run, out_dir: Path) -> Iterator[Event]:
+    try:
+        yield from run
+    except Psd3dError as exc:
+        yield Failed(exc.code, exc.message, exc.field)
+    except Exception as exc:  # a bug, not bad input
+        yield internal_failure(exc, out_dir)
+
+
+def run_refine(spec: RefineSpec, out_dir: str | Path, models: LoadedModels | None = None,
+               should_stop: Callable[[], bool] = lambda: False, resume: bool = False) -> Iterator[Event]:
+    """Yield events; ``resume`` continues from the job folder's last checkpoint."""
+    yield from _guarded(_refine(spec, Path(out_dir), models, should_stop, resume), Path(out_dir))
+
+
+def run_generate(spec: GenerateSpec, out_dir: str | Path, models: LoadedModels | None = None,
+                 should_stop: Callable[[], bool] = lambda: False, resume: bool = False) -> Iterator[Event]:
+    yield from _guarded(_generate(spec, Path(out_dir), models, should_stop, resume), Path(out_dir))
+
+
+def _prepare(spec, out: Path, models: LoadedModels | None) -> tuple[Preset, LoadedModels, torch.Tensor]:
+    """Shared checks and set-up: spec, preset, models, prompt, the initial negative embedding."""
+    spec.validate(tuple(PRESETS))
+    preset = get_preset(spec.preset)
+    models = models or load_models(preset.models)
+    prior = models.prior
+    prior.check_prompt(spec.prompt, "prompt")
+    negative_prompt = spec.negative_prompt if spec.negative_prompt is not None else DEFAULT_NEGATIVE_DESCRIPTORS
+    if spec.negative_embedding:
+        n0 = NegativeEmbedding.load_tensor(spec.negative_embedding, (1, prior.tokenizer.model_max_length,
+                                                                     prior.text_encoder.config.hidden_size))
+    else:
+        if negative_prompt.strip():
+            prior.check_prompt(negative_prompt, "negative_prompt")
+        n0 = prior.encode_text([negative_prompt], field="negative_prompt")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").unlink(missing_ok=True)
+    return preset, models, n0.to(prior.device)
+
+
+def _texture_guidance(preset: Preset, spec):
+    return with_overrides(preset.texture.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
+                          reward_scale=spec.reward_scale, interval=spec.interval)
+
+
+def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
+    preset, models, n0 = _prepare(spec, out, models)
+    mesh = load_mesh(spec.mesh, "mesh")
+    if mesh.uvs is None:
+        mesh, report = unwrap(mesh)
+        atomic_write_json(out / "unwrap.json", report.__dict__)
+    norm = Normalisation.fit(mesh.positions.numpy().astype(np.float64))
+    unit = Mesh(torch.from_numpy(norm.to_unit(mesh.positions.numpy().astype(np.float64)).astype(np.float32)),
+                mesh.faces, mesh.uvs, mesh.texture)
+    guidance = _texture_guidance(preset, spec)
+    total = spec.steps or preset.texture.steps
+    atomic_write_json(out / "spec.json", {"pipeline": "refine", "spec": spec.to_dict(), "texture_steps": total,
+                                          "guidance": _describe(guidance)})
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out)
+    if resume:
+        stage.load_checkpoint()
+    pos, faces, uvs = mesh_snapshot_arrays(mesh)
+    yield MeshSnapshot(stage.step, pos, faces, uvs, mesh.topology_id)
+    yield TextureSnapshot(stage.step, stage.texture_rgba())
+    yield from stage.run(total, should_stop)
+    yield finish(stage, Mesh(mesh.positions, mesh.faces, mesh.uvs), spec.prompt, out, f"refine {spec.method}: {spec.prompt}")
+
+
+def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
+    preset, models, n0 = _prepare(spec, out, models)
+    geo = preset.geometry
+    grid = TetGrid.cube(geo.grid_resolution)
+    if spec.init_mesh:
+        block = load_mesh(spec.init_mesh, "init_mesh")
+        norm = Normalisation.fit(block.positions.numpy().astype(np.float64))
+        unit_pos = torch.from_numpy(norm.to_unit(block.positions.numpy().astype(np.float64)).astype(np.float32))
+        sdf0 = mesh_sdf(grid.vertices, unit_pos, block.faces)
+    else:
+        norm = Normalisation()
+        radius = geo.primitive_radius
+        sdf0 = sphere_sdf(grid.vertices, radius) if geo.primitive is Primitive.SPHERE else \
+            ellipsoid_sdf(grid.vertices, (radius, radius * 0.8, radius * 0.6))
+    geo_steps = spec.steps or geo.steps
+    tex_steps = spec.steps or preset.texture.steps
+    guidance = _texture_guidance(preset, spec)
+    atomic_write_json(out / "spec.json", {"pipeline": "generate", "spec": spec.to_dict(), "geometry_steps": geo_steps,
+                                          "texture_steps": tex_steps, "guidance": _describe(guidance)})
+    to_world = norm.to_world
+    geometry = GeometryStage(models, spec.prompt, n0, sdf0, grid, geo, spec.seed, out, to_world)
+    if resume:
+        geometry.load_checkpoint()
+    yield from geometry.run(geo_steps, should_stop)
+    geometry.save_checkpoint()  # a resumed job skips the finished geometry stage
+    with torch.no_grad():
+        verts, faces = geometry.extract()
+    world = Mesh(torch.from_numpy(to_world(verts.cpu().numpy().astype(np.float64)).astype(np.float32)), faces.cpu())
+    world, report = unwrap(world)
+    atomic_write_json(out / "unwrap.json", report.__dict__)
+    unit = Mesh(torch.from_numpy(norm.to_unit(world.positions.numpy().astype(np.float64)).astype(np.float32)),
+                world.faces, world.uvs)
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out)
+    if resume:
+        stage.load_checkpoint()
+    pos, f, uvs = mesh_snapshot_arrays(world)
+    yield MeshSnapshot(geometry.step, pos, f, uvs, geometry.topology_id + 1)
+    yield from stage.run(tex_steps, should_stop)
+    yield finish(stage, world, spec.prompt, out, f"generate {spec.method}: {spec.prompt}")

@@ -1,0 +1,162 @@
+"""The texture stage shared by generate and refine: PSD (or SDS / DreamDPO) on a UV texture of
+a fixed mesh, rendered from sampled cameras (appendix F.1, "3-stage DMTet": texture stage).
+
+State lives in :class:`TextureStage` (texture, optimisers, negative embedding, RNG, step) and
+is checkpointed atomically, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protocol.events import Progress, TextureSnapshot
+from backend.files import atomic_torch_save
+from backend.geometry.mesh import Mesh
+from backend.geometry.uv import UVTexture, dilate, uv_coverage
+from backend.models import LoadedModels
+from backend.outputs import MetricsLog
+from backend.psd.distill import GuidanceConfig, ScoreDistiller
+from backend.psd.guidance import distillation_loss
+from backend.psd.negative import NegativeConfig, NegativeEmbedding
+from backend.psd.schedule import AnnealedSchedule
+from backend.render.camera import OrbitSpec, view_suffix
+from backend.render.ops import RasterContext
+from backend.render.shading import rasterize_views, render_albedo
+
+
+@dataclass(frozen=True)
+class TextureSettings:
+    """Paper F.1 (3-stage DMTet, texture): 20000 steps at 1024^2, n lr 1e-5 for the first 1000
+    steps then frozen. Texture lr and levels are ours (not given by the paper)."""
+
+    steps: int = 20000
+    render_size: int = 1024
+    prior_size: int = 512  # renders are resized to the prior's native size before the VAE
+    texture_size: int = 1024
+    texture_levels: int = 4
+    lr: float = 0.01
+    views: int = 1
+    cameras: OrbitSpec = field(default_factory=OrbitSpec)
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(guidance_scale=101.0))
+    negative: NegativeConfig = field(default_factory=lambda: NegativeConfig(lr=1e-5, freeze_after=1000))
+    schedule: AnnealedSchedule = field(default_factory=AnnealedSchedule)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    snapshot_every: int = 10
+    checkpoint_every: int = 100
+
+
+class TextureStage:
+    CHECKPOINT = "checkpoints/texture.pt"
+
+    def __init__(self, models: LoadedModels, mesh: Mesh, prompt: str, negative_init: torch.Tensor,
+                 settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path) -> None:
+        """``mesh`` in the unit optimisation frame with per-corner UVs; its texture (if any) is the start."""
+        self.models, self.mesh, self.settings, self.out = models, mesh, settings, out_dir
+        prior = models.prior
+        self.device = prior.device
+        self.ctx = RasterContext(self.device)
+        init = None
+        # an artist's texture keeps its alpha and its texels outside the charts; a new one gets seam padding
+        self.alpha = None if mesh.texture is None else mesh.texture[..., 3:].copy()
+        self.pad_seams = mesh.texture is None
+        if mesh.texture is not None:
+            init = torch.from_numpy(mesh.texture[..., :3].astype(np.float32) / 255.0)
+        h, w = mesh.texture.shape[:2] if mesh.texture is not None else (settings.texture_size,) * 2
+        self.texture = UVTexture(h, w, settings.texture_levels, init).to(self.device)
+        self.optimizer = torch.optim.Adam(self.texture.parameters(), lr=settings.lr)
+        self.negative = NegativeEmbedding(negative_init, settings.negative)
+        self.generator = torch.Generator().manual_seed(seed)
+        suffixes = [", front view", ", side view", ", back view"]
+        embeds = prior.encode_text([prompt + s for s in suffixes])  # view-dependent prompts (DreamFusion)
+        self.view_embeddings = {s: embeds[i : i + 1] for i, s in enumerate(suffixes)}
+        self.reward_features = models.target_reward.text_features(prompt)  # the reward sees the artist's prompt
+        self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, embeds[:1], self.negative,
+                                        guidance, self.generator)
+        self.positions = mesh.positions.to(self.device)
+        self.faces = mesh.faces.to(self.device).int()
+        self.uvs = mesh.uvs.to(self.device)
+        self.background = torch.tensor(settings.background, device=self.device)
+        self.cameras = OrbitSpec(**{**settings.cameras.__dict__, "width": settings.render_size, "height": settings.render_size})
+        self.step = 0
+        self.log = MetricsLog()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        atomic_torch_save({
+            "step": self.step,
+            "texture": self.texture.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "negative": {"value": self.negative.value.detach().cpu(), "optimizer": self.negative.optimizer.state_dict(),
+                         "updates": self.negative.updates},
+            "generator": self.generator.get_state(),
+            "metrics": self.log.steps,
+        }, self.out / self.CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / self.CHECKPOINT
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.texture.load_state_dict(state["texture"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.negative.value.data.copy_(state["negative"]["value"])
+        self.negative.optimizer.load_state_dict(state["negative"]["optimizer"])
+        self.negative.updates = state["negative"]["updates"]
+        self.generator.set_state(state["generator"])
+        self.log.steps = state["metrics"]
+        self.step = state["step"]
+        return True
+
+    # -- rendering ---------------------------------------------------------------------------
+    def render(self, cameras, tex: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,3,H,W) textured renders, rows top-first."""
+        frags = rasterize_views(self.ctx, self.positions, self.faces, cameras)
+        return render_albedo(self.ctx, frags, self.faces, self.uvs, self.texture() if tex is None else tex, self.background)
+
+    def texture_rgba(self) -> np.ndarray:
+        """The current texture as uint8 RGBA with UV padding around the charts."""
+        with torch.no_grad():
+            tex = self.texture().cpu()
+            if self.pad_seams:
+                mask = uv_coverage(self.uvs.cpu(), *tex.shape[:2])
+                if mask.any():
+                    tex = dilate(tex, mask, iterations=8)
+        rgb = (tex.numpy() * 255 + 0.5).astype(np.uint8)
+        alpha = self.alpha if self.alpha is not None else np.full(rgb.shape[:2] + (1,), 255, np.uint8)
+        return np.concatenate([rgb, alpha], axis=2)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, total: int, should_stop: Callable[[], bool]) -> Iterator:
+        s = self.settings
+        prior = self.models.prior
+        while self.step < total:
+            if should_stop():
+                return
+            start = time.perf_counter()
+            cams = self.cameras.sample(s.views, self.generator)
+            y = torch.cat([self.view_embeddings[view_suffix(c.azimuth)] for c in cams])
+            t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
+            images = self.render(cams)
+            if images.shape[-1] != s.prior_size:
+                images = F.interpolate(images, size=(s.prior_size, s.prior_size), mode="bilinear", align_corners=False,
+                                       antialias=True)
+            x_c = prior.encode_images(images)
+            out = self.distiller.step(x_c, t, self.step, y=y)
+            self.optimizer.zero_grad(set_to_none=True)
+            distillation_loss(x_c, out.grad).backward()
+            self.optimizer.step()
+            self.step += 1
+            record = self.log.add(self.step - 1, int(t[0]), out.reward_w, out.reward_l, out.beta_r, time.perf_counter() - start,
+                                  stage="texture")
+            yield Progress(self.step, total, "texture", record)
+            if self.step % s.snapshot_every == 0 or self.step == total:
+                yield TextureSnapshot(self.step, self.texture_rgba())
+            if self.step % s.checkpoint_every == 0:
+                self.save_checkpoint()

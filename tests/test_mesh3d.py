@@ -1,0 +1,125 @@
+"""generate and refine on the tiny preset, end to end: GLB validity, frames, UVs, resume."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.events import Done, Failed, MeshSnapshot, Progress, TextureSnapshot
+from protocol.specs import GenerateSpec, RefineSpec
+from backend.geometry.mesh import Mesh, load_mesh, save_glb
+from backend.geometry.primitives import uv_sphere
+from backend.pipelines.mesh3d import run_generate, run_refine
+
+
+@pytest.fixture(scope="module")
+def asymmetric_glb(tmp_path_factory):
+    """An off-centre, stretched sphere with UVs and a gradient texture of an odd size."""
+    v, f, uv = uv_sphere(24, 12, radius=0.3)
+    v = v * torch.tensor([2.0, 1.0, 1.0]) + torch.tensor([3.0, 1.0, -2.0])
+    tex = np.zeros((32, 48, 4), np.uint8)
+    tex[..., 0] = np.arange(48)[None] * 5
+    tex[..., 1] = np.arange(32)[:, None] * 7
+    tex[..., 3] = 255
+    folder = tmp_path_factory.mktemp("meshes")
+    save_glb(Mesh(v, f.long(), uv, tex), folder / "asym.glb")
+    save_glb(Mesh(v, f.long()), folder / "asym_nouv.glb")
+    return folder
+
+
+def trimesh_check(path: Path):
+    import trimesh
+
+    scene = trimesh.load(path)
+    geom = list(scene.geometry.values())[0]
+    assert isinstance(geom.visual, trimesh.visual.TextureVisuals)
+    assert geom.visual.uv is not None and geom.visual.material.baseColorTexture is not None
+    return geom
+
+
+def test_refine_keeps_frame_uvs_and_starts_from_the_input(tmp_path, tiny, asymmetric_glb):
+    src = load_mesh(asymmetric_glb / "asym.glb")
+    events = list(run_refine(RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a striped rugby ball", steps=3),
+                             tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    first_tex = next(e for e in events if isinstance(e, TextureSnapshot))
+    assert first_tex.step == 0 and np.array_equal(first_tex.image, src.texture)  # step 0 = the input texture
+    assert [e.step for e in events if isinstance(e, Progress)] == [1, 2, 3]
+    out = load_mesh(tmp_path / "out.glb")
+    assert torch.equal(out.uvs, src.uvs)  # byte-equal UVs, same face order
+    torch.testing.assert_close(out.positions[out.faces], src.positions[src.faces], rtol=0, atol=0)  # its own frame
+    assert out.texture.shape == src.texture.shape
+    trimesh_check(tmp_path / "out.glb")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["steps"]) == 3 and "unseen_pickscore" in metrics["final"]
+    assert (tmp_path / "preview.png").is_file() and (tmp_path / "reward_curve.png").is_file()
+
+
+def test_refine_unwraps_a_mesh_without_uvs(tmp_path, tiny, asymmetric_glb):
+    events = list(run_refine(RefineSpec(mesh=str(asymmetric_glb / "asym_nouv.glb"), prompt="a stone", steps=2), tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    geom = trimesh_check(tmp_path / "out.glb")
+    src = load_mesh(asymmetric_glb / "asym_nouv.glb")
+    np.testing.assert_allclose(geom.bounds, np.stack([src.positions.numpy().min(0), src.positions.numpy().max(0)]), atol=1e-6)
+    assert json.loads((tmp_path / "unwrap.json").read_text())["faces_out"] > 0
+
+
+def test_resume_gives_the_same_texture(tmp_path, tiny, asymmetric_glb):
+    spec = RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a rugby ball", steps=8, seed=3)
+    done = list(run_refine(spec, tmp_path / "straight", models=tiny))[-1]
+    assert isinstance(done, Done)
+    count = {"n": 0}
+
+    def stop_after_six():
+        count["n"] += 1
+        return count["n"] > 6
+
+    partial = list(run_refine(spec, tmp_path / "resumed", models=tiny, should_stop=stop_after_six))
+    assert not any(isinstance(e, Progress) and e.step > 6 for e in partial)
+    resumed = list(run_refine(spec, tmp_path / "resumed", models=tiny, resume=True))
+    steps = [e.step for e in resumed if isinstance(e, Progress)]
+    assert steps == [5, 6, 7, 8]  # continued from the checkpoint at step 4
+    a = load_mesh(tmp_path / "straight" / "out.glb").texture
+    b = load_mesh(tmp_path / "resumed" / "out.glb").texture
+    assert np.array_equal(a, b)
+
+
+def test_generate_streams_mesh_then_texture_and_writes_a_textured_glb(tmp_path, tiny):
+    events = list(run_generate(GenerateSpec(prompt="a ceramic teapot", steps=4, seed=1), tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    stages = [e.stage for e in events if isinstance(e, Progress)]
+    assert stages == ["geometry"] * 4 + ["texture"] * 4
+    meshes = [e for e in events if isinstance(e, MeshSnapshot)]
+    assert meshes and meshes[-1].uvs is not None and meshes[-1].faces.dtype == np.int32
+    assert any(isinstance(e, TextureSnapshot) for e in events)
+    geom = trimesh_check(tmp_path / "out.glb")
+    assert len(geom.faces) > 100
+    assert np.all(np.abs(geom.bounds) < 1.0)  # the unit frame when no init mesh is given
+
+
+def test_generate_from_a_blocked_out_mesh_stays_in_its_frame(tmp_path, tiny, asymmetric_glb):
+    events = list(run_generate(GenerateSpec(prompt="a rugby ball", steps=2, init_mesh=str(asymmetric_glb / "asym_nouv.glb")),
+                               tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    geom = trimesh_check(tmp_path / "out.glb")
+    centre = geom.bounds.mean(0)
+    np.testing.assert_allclose(centre, [3.0, 1.0, -2.0], atol=0.15)
+    extent = geom.bounds[1] - geom.bounds[0]
+    assert extent[0] > 1.5 * extent[1]  # still stretched along x like the block-out
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda d: RefineSpec(mesh=str(d / "missing.glb"), prompt="x"), "mesh"),
+    (lambda d: RefineSpec(mesh=str(d / "asym.glb"), prompt=""), "prompt"),
+    (lambda d: GenerateSpec(prompt="a cat", init_mesh=str(d / "missing.obj")), "init_mesh"),
+    (lambda d: RefineSpec(mesh=str(d / "broken.glb"), prompt="x"), "mesh"),
+])
+def test_bad_input_names_the_field(tmp_path, tiny, asymmetric_glb, make, field):
+    (asymmetric_glb / "broken.glb").write_bytes(b"glTF not really")
+    spec = make(asymmetric_glb)
+    run = run_refine if isinstance(spec, RefineSpec) else run_generate
+    events = list(run(spec, tmp_path, models=tiny))
+    assert len(events) == 1 and isinstance(events[0], Failed), events
+    assert events[0].field == field
