@@ -123,3 +123,20 @@ def test_bad_input_names_the_field(tmp_path, tiny, asymmetric_glb, make, field):
     events = list(run(spec, tmp_path, models=tiny))
     assert len(events) == 1 and isinstance(events[0], Failed), events
     assert events[0].field == field
+
+
+def test_eval_script_plumbing(tmp_path, tiny, psd3d_home):
+    """scripts/eval.py on two prompts with the tiny preset: a table and a CSV, labelled as plumbing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).parents[1] / "scripts" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red chair\na blue lamp\n")
+    assert module.main(["--preset", "tiny", "--prompts", str(prompts), "--steps", "2", "--methods", "psd",
+                        "--out", str(tmp_path / "eval")]) == 0
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "PLUMBING CHECK" in table and "| psd |" in table
+    rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
+    assert rows[0] == "method,prompt,hpsv2.1,pickscore" and len(rows) == 3

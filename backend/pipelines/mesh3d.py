@@ -83,7 +83,7 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     preset, models, n0 = _prepare(spec, out, models)
     mesh = load_mesh(spec.mesh, "mesh")
     if mesh.uvs is None:
-        mesh, report = unwrap(mesh)
+        mesh, report = unwrap(mesh, max_faces=None)  # the artist's geometry is kept as it is
         atomic_write_json(out / "unwrap.json", report.__dict__)
     norm = Normalisation.fit(mesh.positions.numpy().astype(np.float64))
     unit = Mesh(torch.from_numpy(norm.to_unit(mesh.positions.numpy().astype(np.float64)).astype(np.float32)),
