@@ -14,7 +14,7 @@ def _image2d(args: argparse.Namespace) -> int:
 
     quiet_libraries()
 
-    spec = Image2dSpec(prompt=args.prompt, method=args.method, preset=args.preset, steps=args.steps, seed=args.seed,
+    spec = Image2dSpec(prompt=args.prompt, method=args.method, reward=args.reward, preset=args.preset, steps=args.steps, seed=args.seed,
                        negative_prompt=args.negative_prompt, negative_embedding=args.negative_embedding,
                        guidance_scale=args.guidance_scale, reward_scale=args.reward_scale, interval=args.interval)
     print(f"psd3d image2d: {spec.method} on {spec.preset!r}, loading models…", file=sys.stderr)
@@ -27,7 +27,7 @@ def _mesh3d(args: argparse.Namespace) -> int:
     from backend.pipelines.mesh3d import run_generate, run_refine
 
     quiet_libraries()
-    common = dict(prompt=args.prompt, method=args.method, preset=args.preset, steps=args.steps, seed=args.seed,
+    common = dict(prompt=args.prompt, method=args.method, reward=args.reward, preset=args.preset, steps=args.steps, seed=args.seed,
                   negative_prompt=args.negative_prompt, negative_embedding=args.negative_embedding,
                   guidance_scale=args.guidance_scale, reward_scale=args.reward_scale, interval=args.interval)
     if args.command == "refine":
@@ -93,7 +93,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from protocol.specs import METHODS
+    from protocol.specs import METHODS, REWARDS
     from backend.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="psd3d", description="Preference Score Distillation: text to textured 3D props")
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--prompt", required=True)
         p.add_argument("--method", choices=METHODS, default="psd")
+        p.add_argument("--reward", choices=REWARDS, default="hpsv2.1", help="the target reward; the others are reported as unseen")
         p.add_argument("--preset", choices=list(PRESETS), default="tiny")
         p.add_argument("--steps", type=int, default=None, help="override the preset's step count(s)")
         p.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from protocol.errors import UnknownNameError
 from backend.psd.prior import DiffusionPrior
 from backend.psd.rewards import RewardModel, load_reward
 from backend.psd.tiny import ensure_tiny_models
@@ -18,6 +19,15 @@ class LoadedModels:
     prior: DiffusionPrior
     target_reward: RewardModel
     unseen_rewards: list[RewardModel]
+
+    def with_target(self, name: str) -> "LoadedModels":
+        """The same models with reward ``name`` as the target and every other one unseen."""
+        rewards = [self.target_reward, *self.unseen_rewards]
+        chosen = [r for r in rewards if r.name == name]
+        if not chosen:
+            raise UnknownNameError(f"reward: {name!r} is not loaded by this preset; choose one of "
+                                   f"{', '.join(r.name for r in rewards)}", field="reward")
+        return LoadedModels(self.prior, chosen[0], [r for r in rewards if r.name != name])
 
 
 def quiet_libraries() -> None:

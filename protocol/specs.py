@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from protocol.errors import require, require_choice
 
 METHODS = ("psd", "sds", "dreamdpo")
+REWARDS = ("hpsv2.1", "pickscore")  # the target reward; the others are reported as unseen
 MAX_PROMPT_CHARS = 1000  # a cheap bound before tokenising; the tokenizer's 77-token limit is checked too
 MAX_STEPS = 100_000
 
@@ -22,6 +23,7 @@ def _check_common(spec, presets: tuple[str, ...]) -> None:
     require(spec.prompt.strip() != "", "prompt", "is empty; describe what to make")
     require(len(spec.prompt) <= MAX_PROMPT_CHARS, "prompt", f"has {len(spec.prompt)} characters, at most {MAX_PROMPT_CHARS}")
     require_choice(spec.method, METHODS, "method")
+    require_choice(spec.reward, REWARDS, "reward")
     require_choice(spec.preset, presets, "preset")
     if spec.steps is not None:
         require(isinstance(spec.steps, int) and 1 <= spec.steps <= MAX_STEPS, "steps", f"must be an integer in 1..{MAX_STEPS}, got {spec.steps!r}")
@@ -42,6 +44,7 @@ class Image2dSpec:
 
     prompt: str
     method: str = "psd"
+    reward: str = "hpsv2.1"
     preset: str = "tiny"
     steps: int | None = None  # None: the preset's
     seed: int = 0
@@ -65,6 +68,7 @@ class RefineSpec:
     mesh: str  # path of a GLB/glTF/OBJ/PLY file on the backend's machine
     prompt: str
     method: str = "psd"
+    reward: str = "hpsv2.1"
     preset: str = "tiny"
     steps: int | None = None  # texture steps; None: the preset's
     seed: int = 0
@@ -88,6 +92,7 @@ class GenerateSpec:
 
     prompt: str
     method: str = "psd"
+    reward: str = "hpsv2.1"
     preset: str = "tiny"
     init_mesh: str | None = None  # a blocked-out mesh; its frame and scale are kept
     steps: int | None = None  # overrides both stages' step counts (for drafts and tests)

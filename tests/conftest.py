@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# Fixed thread counts, so CPU float reductions run in the same order however busy the machine
+# is (the resume tests compare textures byte for byte). Set before torch is imported.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -54,3 +54,14 @@ def test_empty_and_full_fields_give_no_surface():
     for sdf in (torch.ones(grid.vertices.shape[0]), -torch.ones(grid.vertices.shape[0])):
         v, f = marching_tets(grid.vertices, grid.tets, sdf)
         assert v.shape == (0, 3) and f.shape == (0, 3)
+
+
+def test_sdf_sign_entropy_is_zero_without_crossings_and_penalises_flips():
+    from backend.geometry.sdf import sdf_sign_entropy
+
+    grid = TetGrid.cube(4)
+    assert float(sdf_sign_entropy(torch.ones(grid.vertices.shape[0]), grid.tets)) == 0.0
+    sdf = sphere_sdf(grid.vertices, 0.5).requires_grad_(True)
+    loss = sdf_sign_entropy(sdf, grid.tets)
+    loss.backward()
+    assert float(loss) > 0 and sdf.grad.abs().sum() > 0

@@ -140,3 +140,43 @@ def test_eval_script_plumbing(tmp_path, tiny, psd3d_home):
     assert "PLUMBING CHECK" in table and "| psd |" in table
     rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
     assert rows[0] == "method,prompt,hpsv2.1,pickscore" and len(rows) == 3
+
+
+def test_degenerate_faces_are_removed_with_a_warning(tmp_path, tiny):
+    v, f, uv = uv_sphere(12, 6, radius=0.4)
+    f = torch.cat([f.long(), torch.tensor([[0, 0, 1], [2, 3, 2]])])
+    uv = torch.cat([uv, torch.zeros(2, 3, 2)])
+    tex = np.full((16, 16, 4), 200, np.uint8)
+    save_glb(Mesh(v, f, uv, tex), tmp_path / "degenerate.glb")
+    events = list(run_refine(RefineSpec(mesh=str(tmp_path / "degenerate.glb"), prompt="a ball", steps=1), tmp_path / "job",
+                             models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    assert any("degenerate" in w for w in events[-1].final["warnings"])
+    assert len(load_mesh(tmp_path / "job" / "out.glb").faces) == len(f) - 2
+
+
+def test_pickscore_as_the_target_reward(tmp_path, tiny, asymmetric_glb):
+    events = list(run_refine(RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a ball", steps=1, reward="pickscore"),
+                             tmp_path, models=tiny))
+    final = events[-1].final
+    assert final["target_reward_name"] == "pickscore" and "unseen_hpsv2.1" in final
+    bad = list(run_refine(RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a ball", reward="imagereward"),
+                          tmp_path / "bad", models=tiny))
+    assert isinstance(bad[0], Failed) and bad[0].field == "reward"
+
+
+def test_generate_resume_matches_an_uninterrupted_run(tmp_path, tiny):
+    spec = GenerateSpec(prompt="a mug", steps=6, seed=2)
+    straight = list(run_generate(spec, tmp_path / "a", models=tiny))[-1]
+    assert isinstance(straight, Done)
+    calls = {"n": 0}
+
+    def stop():  # stop in the texture stage, after its checkpoint at step 4
+        calls["n"] += 1
+        return calls["n"] > 6 + 5
+
+    list(run_generate(spec, tmp_path / "b", models=tiny, should_stop=stop))
+    resumed = list(run_generate(spec, tmp_path / "b", models=tiny, resume=True))
+    assert [e.step for e in resumed if isinstance(e, Progress)] == [5, 6]  # geometry done, texture from step 4
+    assert np.array_equal(load_mesh(tmp_path / "a" / "out.glb").texture, load_mesh(tmp_path / "b" / "out.glb").texture)
+    assert torch.equal(load_mesh(tmp_path / "a" / "out.glb").positions, load_mesh(tmp_path / "b" / "out.glb").positions)

@@ -72,6 +72,25 @@ class Mesh:
                                         field=field_name)
 
 
+def repair(mesh: Mesh, field_name: str = "mesh") -> tuple[Mesh, list[str]]:
+    """Remove what an artist expects to be removed — faces with a repeated vertex or no area —
+    and say so. Raises when nothing would be left."""
+    f = mesh.faces
+    p = mesh.positions.double()
+    area2 = torch.linalg.cross(p[f[:, 1]] - p[f[:, 0]], p[f[:, 2]] - p[f[:, 0]]).norm(dim=1)
+    extent = float((p.max(0).values - p.min(0).values).max())
+    repeated = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])
+    keep = ~repeated & (area2 > 1e-12 * max(extent, 1e-30) ** 2)
+    warnings = []
+    if not bool(keep.all()):
+        dropped = int((~keep).sum())
+        if dropped == f.shape[0]:
+            raise InvalidInputError(f"{field_name}: all {dropped} faces are degenerate (no area)", field=field_name)
+        warnings.append(f"{field_name}: removed {dropped} degenerate face(s) (repeated vertex or zero area)")
+        mesh = Mesh(mesh.positions, f[keep], None if mesh.uvs is None else mesh.uvs[keep], mesh.texture, mesh.topology_id)
+    return mesh, warnings
+
+
 def split_by_uv(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-corner UVs -> per-vertex (glTF needs one UV per vertex): vertices are duplicated
     where a position has several UVs (seams). Returns positions (V',3), faces (F,3), uv (V',2)."""

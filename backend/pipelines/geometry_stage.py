@@ -16,7 +16,7 @@ from protocol.errors import NumericalError
 from protocol.events import MeshSnapshot, Progress
 from backend.files import atomic_torch_save
 from backend.geometry.dmtet import TetGrid, marching_tets
-from backend.geometry.sdf import normal_consistency
+from backend.geometry.sdf import normal_consistency, sdf_sign_entropy
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
 from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
@@ -47,6 +47,7 @@ class GeometrySettings:
     primitive: Primitive = Primitive.SPHERE
     primitive_radius: float = 0.5  # in the unit frame, where the object spans [-0.5, 0.5]
     normal_consistency_weight: float = 0.1
+    sdf_sign_weight: float = 0.01  # nvdiffrec uses 0.2 decaying; ours is a fixed small weight
     normal_render_probability: float = 0.5  # else Lambertian-shaded grey
     cameras: OrbitSpec = field(default_factory=OrbitSpec)
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method=Method.SDS, guidance_scale=101.0))
@@ -138,6 +139,8 @@ class GeometryStage:
             loss = distillation_loss(x_c, out.grad)
             if s.normal_consistency_weight > 0:
                 loss = loss + s.normal_consistency_weight * normal_consistency(verts, faces)
+            if s.sdf_sign_weight > 0:
+                loss = loss + s.sdf_sign_weight * sdf_sign_entropy(self.sdf, self.grid.tets)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

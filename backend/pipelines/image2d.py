@@ -46,7 +46,7 @@ def _run(spec: Image2dSpec, out: Path, models: LoadedModels | None, should_stop)
     preset = get_preset(spec.preset)
     settings = preset.image2d
     steps = spec.steps or settings.steps
-    models = models or load_models(preset.models)
+    models = (models or load_models(preset.models)).with_target(spec.reward)
     prior, target = models.prior, models.target_reward
     prior.check_prompt(spec.prompt, "prompt")
     negative_prompt = spec.negative_prompt if spec.negative_prompt is not None else DEFAULT_NEGATIVE_DESCRIPTORS

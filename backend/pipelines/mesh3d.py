@@ -18,9 +18,9 @@ import torch
 from protocol.errors import Psd3dError
 from protocol.events import Event, Failed, MeshSnapshot, TextureSnapshot
 from protocol.specs import GenerateSpec, RefineSpec
-from backend.files import atomic_write_json
+from backend.files import atomic_torch_save, atomic_write_json
 from backend.geometry.dmtet import TetGrid, ellipsoid_sdf, sphere_sdf
-from backend.geometry.mesh import Mesh, Normalisation, load_mesh
+from backend.geometry.mesh import Mesh, Normalisation, load_mesh, repair
 from backend.geometry.sdf import mesh_sdf
 from backend.geometry.uv import unwrap
 from backend.models import LoadedModels, load_models
@@ -58,7 +58,7 @@ def _prepare(spec, out: Path, models: LoadedModels | None) -> tuple[Preset, Load
     """Shared checks and set-up: spec, preset, models, prompt, the initial negative embedding."""
     spec.validate(tuple(PRESETS))
     preset = get_preset(spec.preset)
-    models = models or load_models(preset.models)
+    models = (models or load_models(preset.models)).with_target(spec.reward)
     prior = models.prior
     prior.check_prompt(spec.prompt, "prompt")
     negative_prompt = spec.negative_prompt if spec.negative_prompt is not None else DEFAULT_NEGATIVE_DESCRIPTORS
@@ -81,10 +81,11 @@ def _texture_guidance(preset: Preset, spec):
 
 def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
     preset, models, n0 = _prepare(spec, out, models)
-    mesh = load_mesh(spec.mesh, "mesh")
+    mesh, warnings = repair(load_mesh(spec.mesh, "mesh"), "mesh")
     if mesh.uvs is None:
         mesh, report = unwrap(mesh, max_faces=None)  # the artist's geometry is kept as it is
         atomic_write_json(out / "unwrap.json", report.__dict__)
+        warnings.append(f"mesh: had no UVs; unwrapped with xatlas in {report.unwrap_s:.1f} s")
     norm = Normalisation.fit(mesh.positions.numpy().astype(np.float64))
     unit = Mesh(torch.from_numpy(norm.to_unit(mesh.positions.numpy().astype(np.float64)).astype(np.float32)),
                 mesh.faces, mesh.uvs, mesh.texture)
@@ -95,6 +96,7 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out)
     if resume:
         stage.load_checkpoint()
+    stage.log.final["warnings"] = warnings
     pos, faces, uvs = mesh_snapshot_arrays(mesh)
     yield MeshSnapshot(stage.step, pos, faces, uvs, mesh.topology_id)
     yield TextureSnapshot(stage.step, stage.texture_rgba())
@@ -107,12 +109,12 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     geo = preset.geometry
     grid = TetGrid.cube(geo.grid_resolution)
     if spec.init_mesh:
-        block = load_mesh(spec.init_mesh, "init_mesh")
+        block, warnings = repair(load_mesh(spec.init_mesh, "init_mesh"), "init_mesh")
         norm = Normalisation.fit(block.positions.numpy().astype(np.float64))
         unit_pos = torch.from_numpy(norm.to_unit(block.positions.numpy().astype(np.float64)).astype(np.float32))
         sdf0 = mesh_sdf(grid.vertices, unit_pos, block.faces)
     else:
-        norm = Normalisation()
+        norm, warnings = Normalisation(), []
         radius = geo.primitive_radius
         sdf0 = sphere_sdf(grid.vertices, radius) if geo.primitive is Primitive.SPHERE else \
             ellipsoid_sdf(grid.vertices, (radius, radius * 0.8, radius * 0.6))
@@ -127,16 +129,23 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
         geometry.load_checkpoint()
     yield from geometry.run(geo_steps, should_stop)
     geometry.save_checkpoint()  # a resumed job skips the finished geometry stage
-    with torch.no_grad():
-        verts, faces = geometry.extract()
-    world = Mesh(torch.from_numpy(to_world(verts.cpu().numpy().astype(np.float64)).astype(np.float32)), faces.cpu())
-    world, report = unwrap(world)
-    atomic_write_json(out / "unwrap.json", report.__dict__)
+    unwrapped = out / "checkpoints" / "unwrapped.pt"
+    if resume and unwrapped.is_file():  # xatlas is not deterministic across runs: reuse the saved layout
+        saved = torch.load(unwrapped, weights_only=True)
+        world = Mesh(saved["positions"], saved["faces"], saved["uvs"])
+    else:
+        with torch.no_grad():
+            verts, faces = geometry.extract()
+        world = Mesh(torch.from_numpy(to_world(verts.cpu().numpy().astype(np.float64)).astype(np.float32)), faces.cpu())
+        world, report = unwrap(world)
+        atomic_write_json(out / "unwrap.json", report.__dict__)
+        atomic_torch_save({"positions": world.positions, "faces": world.faces, "uvs": world.uvs}, unwrapped)
     unit = Mesh(torch.from_numpy(norm.to_unit(world.positions.numpy().astype(np.float64)).astype(np.float32)),
                 world.faces, world.uvs)
     stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out)
     if resume:
         stage.load_checkpoint()
+    stage.log.final["warnings"] = warnings
     pos, f, uvs = mesh_snapshot_arrays(world)
     yield MeshSnapshot(geometry.step, pos, f, uvs, geometry.topology_id + 1)
     yield from stage.run(tex_steps, should_stop)
