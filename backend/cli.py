@@ -1,4 +1,5 @@
-"""``psd3d`` command line: ``image2d``, ``generate``, ``refine``, ``models`` (``serve`` comes with the service issue)."""
+"""``psd3d`` command line: local runs (``image2d``, ``generate``, ``refine``), the backend (``serve``) and its
+client commands (``submit``, ``watch``, ``status``, ``cancel``, ``finish``, ``result``), and ``models``."""
 
 from __future__ import annotations
 
@@ -71,6 +72,95 @@ def _consume(events, label: str) -> int:
     return 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from backend.models import quiet_libraries
+    from backend.presets import PRESETS
+    from backend.server.server import Server
+
+    quiet_libraries()
+    presets = tuple(args.preset) if args.preset else tuple(PRESETS)
+    server = Server(args.data, bind=args.bind, presets=presets)
+    print(f"psd3d serve: listening on {server.endpoint}, data in {args.data}, presets {', '.join(presets)} "
+          f"(Ctrl-C stops; running jobs resume on the next start)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def _spec_fields(args: argparse.Namespace) -> dict:
+    keys = ("prompt", "method", "reward", "preset", "steps", "seed", "negative_prompt", "negative_embedding",
+            "guidance_scale", "reward_scale", "interval")
+    fields = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "mesh", None):
+        fields["mesh"] = str(Path(args.mesh).resolve())
+    if getattr(args, "init_mesh", None):
+        fields["init_mesh"] = str(Path(args.init_mesh).resolve())
+    return fields
+
+
+def _client(args: argparse.Namespace):
+    from protocol.client import Client
+
+    return Client(args.server)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    prompts = None
+    if args.prompts_file:
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    fields = _spec_fields(args)
+    if prompts is not None:
+        fields.pop("prompt", None)
+    with _client(args) as client:
+        jobs = client.submit(args.pipeline, fields, prompts)
+        for job in jobs:
+            print(job)
+        if args.watch and len(jobs) == 1:
+            return _watch_job(client, jobs[0])
+    return 0
+
+
+def _watch_job(client, job: str) -> int:
+    return _consume((event for _, event in client.watch(job)), job[:8])
+
+
+def _watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _watch_job(client, args.job)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        if args.job:
+            print(json.dumps(client.status(args.job), indent=1))
+        else:
+            for row in client.request("list").body["jobs"]:
+                print(f"{row['id']}  {row['state']:9s} {row['pipeline']:8s} {row['step']}/{row['total']}  "
+                      f"{row['spec'].get('prompt', '')[:60]}")
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        getattr(client, args.command)(args.job)
+    print(f"{args.command}: {args.job}")
+    return 0
+
+
+def _result(args: argparse.Namespace) -> int:
+    from backend.files import atomic_write_bytes
+
+    with _client(args) as client:
+        body, files = client.result(args.job)
+    for name, data in files.items():
+        print(f"  {name:22s} {atomic_write_bytes(args.out / name, data)}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from backend.psd.loading import models_dir, resolve_source
     from backend.presets import PRESETS
@@ -99,14 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psd3d", description="Preference Score Distillation: text to textured 3D props")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, with_out: bool = True) -> None:
         p.add_argument("--prompt", required=True)
         p.add_argument("--method", choices=METHODS, default="psd")
         p.add_argument("--reward", choices=REWARDS, default="hpsv2.1", help="the target reward; the others are reported as unseen")
         p.add_argument("--preset", choices=list(PRESETS), default="tiny")
         p.add_argument("--steps", type=int, default=None, help="override the preset's step count(s)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", type=Path, required=True, help="output folder (the job folder)")
+        if with_out:
+            p.add_argument("--out", type=Path, required=True, help="output folder (the job folder)")
         p.add_argument("--negative-prompt", default=None, help="negative descriptors that initialise n")
         p.add_argument("--negative-embedding", default=None, help="a negative_embedding.pt learned by an earlier job")
         p.add_argument("--guidance-scale", type=float, default=None, help="gamma in eps(n) + gamma (eps(y) - eps(n))")
@@ -126,6 +217,44 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mesh", type=Path, required=True, help="GLB/glTF/OBJ/PLY file")
     r.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     r.set_defaults(run=_mesh3d)
+
+    sv = sub.add_parser("serve", help="run the backend: a ZeroMQ server with a job store and a GPU (or CPU) worker")
+    sv.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint (loopback unless CURVE keys are set)")
+    sv.add_argument("--data", type=Path, default=Path.home() / ".local" / "share" / "psd3d", help="job store folder")
+    sv.add_argument("--preset", action="append", choices=list(PRESETS), help="offer only these presets (repeatable)")
+    sv.set_defaults(run=_serve)
+
+    def server_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", default="tcp://127.0.0.1:5557", help="the backend's address")
+
+    su = sub.add_parser("submit", help="submit a job to a running backend")
+    spipes = su.add_subparsers(dest="pipeline", required=True)
+    for name in ("image2d", "generate", "refine"):
+        sp = spipes.add_parser(name)
+        common(sp, with_out=False)
+        server_arg(sp)
+        sp.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+        sp.add_argument("--prompts-file", type=Path, default=None, help="a batch: one job per line of this file")
+        if name == "generate":
+            sp.add_argument("--init-mesh", type=Path, default=None)
+        if name == "refine":
+            sp.add_argument("--mesh", type=Path, required=True)
+        sp.set_defaults(run=_submit)
+    for name, fn, helptext in (("watch", _watch, "follow a job's progress"), ("cancel", _control, "cancel a job"),
+                               ("finish", _control, "stop a job now and keep its current state as the result")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("job")
+        server_arg(c)
+        c.set_defaults(run=fn)
+    st = sub.add_parser("status", help="one job's state, or all jobs")
+    st.add_argument("job", nargs="?")
+    server_arg(st)
+    st.set_defaults(run=_status)
+    rs = sub.add_parser("result", help="download a finished job's files")
+    rs.add_argument("job")
+    rs.add_argument("--out", type=Path, required=True)
+    server_arg(rs)
+    rs.set_defaults(run=_result)
 
     m = sub.add_parser("models", help="show which model files are present and where real weights go")
     m.set_defaults(run=_models)

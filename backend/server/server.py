@@ -1,0 +1,197 @@
+"""``psd3d serve``: one ROUTER socket, the job store, and the LocalExecutor.
+
+One poll loop (the zguide's pattern): requests are answered at once (every request gets a
+reply, a malformed one an error naming the field); executor events are fanned out to the
+subscribers of their job. Sends never block the loop: ROUTER_MANDATORY + NOBLOCK, and a
+message to a full or vanished peer is dropped — harmless for snapshots (they coalesce) and
+for exactly-once events too, because a client that sees a gap in sequence numbers
+resubscribes with the last one it saw and the store replays the rest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import queue
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import zmq
+
+from protocol.errors import InvalidInputError, Psd3dError
+from protocol.messages import REQUESTS, error, event_to_message, ok, spec_from_body
+from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
+from backend.jobs.store import JobStore
+from backend.server.executor import LocalExecutor
+
+DEFAULT_BIND = "tcp://127.0.0.1:5557"
+SEND_HWM = 1000  # messages queued per peer before sends to it are dropped
+MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
+RESULT_FILES = ("out.glb", "preview.png", "image.png", "metrics.json", "reward_curve.png", "negative_embedding.pt")
+
+
+def check_bind(address: str, keys: Path | None) -> None:
+    """Refuse a non-loopback bind without CURVE keys."""
+    if address.startswith("ipc://") or address.startswith("inproc://") or keys is not None:
+        return
+    host = urlparse(address).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise InvalidInputError(f"bind: {address} is not loopback; remote use needs CURVE keys (--keys DIR, "
+                                f"see `psd3d keys new`)", field="bind")
+
+
+class Server:
+    def __init__(self, data_dir: str | Path, bind: str = DEFAULT_BIND, presets: tuple[str, ...] = ()) -> None:
+        if zmq.zmq_version_info() < MIN_LIBZMQ:
+            raise RuntimeError(f"libzmq {zmq.zmq_version()} is older than 4.3.2 (CVE-2019-13132); upgrade pyzmq")
+        check_bind(bind, None)
+        self.store = JobStore(data_dir)
+        self.store.recover()
+        self.presets = presets
+        self.ctx = zmq.Context.instance()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.outbox: queue.Queue = queue.Queue()
+        self.executor = LocalExecutor(self.store, self.outbox)
+        self.subscribers: dict[str, set[bytes]] = {}
+        self.latest: dict[tuple[str, str], Message] = {}  # (job, kind) -> latest snapshot
+        self.dropped = 0
+        self._stop = threading.Event()
+
+    # -- sending ---------------------------------------------------------------------------
+    def _send(self, peer: bytes, message: Message) -> bool:
+        try:
+            self.socket.send_multipart([peer, *encode(message)], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except (zmq.Again, zmq.ZMQError):  # full or unknown peer: drop (see the module docstring)
+            self.dropped += 1
+            return False
+
+    # -- requests ----------------------------------------------------------------------------
+    def handle(self, peer: bytes, frames: list) -> None:
+        request_id = ""
+        try:
+            msg = decode(frames)
+            request_id = msg.id
+            if msg.type not in REQUESTS:
+                raise ProtocolError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
+            reply = getattr(self, f"on_{msg.type}")(peer, msg)
+        except Psd3dError as exc:
+            reply = error(request_id, exc)
+        except Exception as exc:  # a bug: answer, log, keep serving
+            reply = error(request_id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+        if reply is not None:
+            self._send(peer, reply)
+
+    def on_ping(self, peer, msg):
+        return ok(msg, {"time": time.time()})
+
+    def on_hello(self, peer, msg):
+        from protocol.specs import METHODS, REWARDS
+
+        return ok(msg, {"protocol": PROTOCOL_VERSION, "server": "psd3d", "presets": list(self.presets),
+                        "methods": list(METHODS), "rewards": list(REWARDS), "pipelines": ["image2d", "generate", "refine"]})
+
+    def on_submit(self, peer, msg):
+        body = msg.body
+        prompts = body.get("prompts")
+        spec_fields = body.get("spec", {})
+        if prompts is not None:  # batch: one job per prompt, one batch id
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ProtocolError("prompts: must be a non-empty list of strings", field="prompts")
+            specs = [spec_from_body(body.get("pipeline"), {**spec_fields, "prompt": p}) for p in prompts]
+        else:
+            specs = [spec_from_body(body.get("pipeline"), spec_fields)]
+        for spec in specs:  # validate everything before acknowledging anything
+            spec.validate(self.presets)
+        batch = __import__("uuid").uuid4().hex if prompts is not None else None
+        ids = [self.store.create(body["pipeline"], spec.to_dict(), batch) for spec in specs]
+        self.executor.notify()
+        return ok(msg, {"jobs": ids, "batch": batch})
+
+    def on_status(self, peer, msg):
+        return ok(msg, self.store.get(msg.body.get("job")).to_dict())
+
+    def on_list(self, peer, msg):
+        return ok(msg, {"jobs": [r.to_dict() for r in self.store.list()]})
+
+    def on_cancel(self, peer, msg):
+        row = self.store.get(msg.body.get("job"))
+        if row.state == "queued":
+            self.store.set_state(row.id, "cancelled")
+        self.executor.cancel(row.id)
+        return ok(msg, {"job": row.id})
+
+    def on_finish(self, peer, msg):
+        row = self.store.get(msg.body.get("job"))
+        self.executor.finish(row.id)
+        return ok(msg, {"job": row.id})
+
+    def on_subscribe(self, peer, msg):
+        job = msg.body.get("job")
+        after = msg.body.get("after", 0)
+        if not isinstance(after, int) or after < 0:
+            raise ProtocolError("after: must be a non-negative integer (the last sequence number seen)", field="after")
+        row = self.store.get(job)
+        self.subscribers.setdefault(job, set()).add(peer)
+        self._send(peer, ok(msg, {"job": job, "state": row.state}))
+        for body in self.store.events_after(job, after):  # replay what the client missed
+            self._send(peer, Message("event", "", body))
+        for (j, _), snap in self.latest.items():
+            if j == job:
+                self._send(peer, snap)
+        return None
+
+    def on_result(self, peer, msg):
+        import numpy as np
+
+        row = self.store.get(msg.body.get("job"))
+        if row.state != "done":
+            raise InvalidInputError(f"job: {row.id} is {row.state}, not done", field="job")
+        folder = self.store.folder(row.id)
+        files = {name: np.frombuffer((folder / name).read_bytes(), np.uint8) for name in RESULT_FILES if (folder / name).is_file()}
+        return ok(msg, {"job": row.id, "final": row.final, "files": list(files)}, files)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def publish(self) -> None:
+        while True:
+            try:
+                job, message = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if message.body.get("kind") in ("image", "texture", "mesh"):
+                self.latest[(job, message.body["kind"])] = message
+            for peer in list(self.subscribers.get(job, ())):
+                self._send(peer, message)
+
+    def serve_forever(self, poll_ms: int = 50) -> None:
+        self.executor.start()
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if dict(poller.poll(poll_ms)).get(self.socket):
+                    while True:
+                        try:
+                            peer, *frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(peer.bytes, frames)
+                self.publish()
+        finally:
+            self.executor.stop()
+            self.socket.close(0)
+            self.store.close()
+
+    def stop(self) -> None:
+        self._stop.set()

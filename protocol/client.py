@@ -1,0 +1,150 @@
+"""The client the CLI and the Blender add-on use (DEALER; no torch).
+
+Request-reply with a timeout; events that arrive while waiting for a reply are buffered.
+``watch`` follows one job: it delivers each exactly-once event once and in order (dropping
+duplicates by sequence number) and, after a silence longer than ``heartbeat`` or a gap in
+the sequence, reconnects with back-off and resubscribes from the last sequence it saw
+(the zguide's Lazy Pirate / Paranoid Pirate patterns).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from typing import Iterator
+
+import zmq
+
+from protocol.errors import Psd3dError
+from protocol.messages import EXACTLY_ONCE, message_to_event
+from protocol.wire import MAX_MESSAGE_BYTES, Message, decode, encode
+
+
+class ServerError(Psd3dError):
+    """An error reply from the server; ``code`` and ``field`` are the server's."""
+
+    def __init__(self, code: str, message: str, field: str | None) -> None:
+        super().__init__(message, field=field)
+        self.code = code
+
+
+class ConnectionLost(Psd3dError):
+    code = "connection_lost"
+
+
+class Client:
+    def __init__(self, address: str = "tcp://127.0.0.1:5557", timeout: float = 10.0) -> None:
+        self.address, self.timeout = address, timeout
+        self.ctx = zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._events: collections.deque = collections.deque()
+        self.socket = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+        self.socket = self.ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.connect(self.address)
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- request / reply -------------------------------------------------------------------------
+    def request(self, kind: str, body: dict | None = None, timeout: float | None = None) -> Message:
+        """Send one request and return its "ok" reply; raise ServerError on an error reply."""
+        rid = str(next(self._ids))
+        self.socket.send_multipart(encode(Message(kind, rid, body or {})), copy=False)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.socket.poll(int(left * 1000)):
+                self._connect()  # Lazy Pirate: a fresh socket, the old reply (if any) is abandoned
+                raise ConnectionLost(f"no reply to {kind} from {self.address} within {timeout or self.timeout:.0f} s")
+            msg = decode(self.socket.recv_multipart(copy=False))
+            if msg.type == "event":
+                self._events.append(msg)
+            elif msg.id == rid:
+                if msg.type == "error":
+                    raise ServerError(msg.body.get("code", "internal"), msg.body.get("message", ""), msg.body.get("field"))
+                return msg
+
+    def hello(self) -> dict:
+        return self.request("hello").body
+
+    def submit(self, pipeline: str, spec: dict, prompts: list[str] | None = None) -> list[str]:
+        body = {"pipeline": pipeline, "spec": spec}
+        if prompts is not None:
+            body["prompts"] = prompts
+        return self.request("submit", body).body["jobs"]
+
+    def status(self, job: str) -> dict:
+        return self.request("status", {"job": job}).body
+
+    def cancel(self, job: str) -> None:
+        self.request("cancel", {"job": job})
+
+    def finish(self, job: str) -> None:
+        self.request("finish", {"job": job})
+
+    def result(self, job: str) -> tuple[dict, dict[str, bytes]]:
+        msg = self.request("result", {"job": job}, timeout=max(self.timeout, 60))
+        return msg.body, {name: arr.tobytes() for name, arr in msg.arrays.items()}
+
+    # -- events ------------------------------------------------------------------------------------
+    def watch(self, job: str, after: int = 0, heartbeat: float = 5.0, retries: int = 5) -> Iterator:
+        """Yield (seq, event) for one job until it is done or failed. Snapshots may skip."""
+        last = after
+        self.request("subscribe", {"job": job, "after": last})
+        quiet_since, failures = time.monotonic(), 0
+        while True:
+            msg = self._next_event(0.2)
+            if msg is None:
+                if time.monotonic() - quiet_since > heartbeat:
+                    try:  # silence: is the server alive? resubscribe from what we have
+                        self._connect()
+                        self.request("subscribe", {"job": job, "after": last}, timeout=heartbeat)
+                        failures = 0
+                    except ConnectionLost:
+                        failures += 1
+                        if failures > retries:
+                            raise
+                        time.sleep(min(2 ** failures * 0.1, 2.0))
+                    quiet_since = time.monotonic()
+                continue
+            quiet_since = time.monotonic()
+            job_id, seq, event = message_to_event(msg)
+            if job_id != job:
+                continue
+            kind = msg.body["kind"]
+            if kind in EXACTLY_ONCE:
+                if seq <= last:
+                    continue  # a duplicate from a replay
+                if seq > last + 1:  # a gap: something was dropped; ask for the rest
+                    self.request("subscribe", {"job": job, "after": last})
+                    continue
+                last = seq
+                yield seq, event
+                if kind in ("done", "failed"):
+                    return
+            else:
+                yield seq, event
+
+    def _next_event(self, timeout: float):
+        if self._events:
+            return self._events.popleft()
+        if not self.socket.poll(int(timeout * 1000)):
+            return None
+        msg = decode(self.socket.recv_multipart(copy=False))
+        return msg if msg.type == "event" else None

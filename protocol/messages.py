@@ -1,0 +1,91 @@
+"""Messages on top of the wire format: requests, replies, events, and pipeline specs.
+
+Requests (client -> server): hello, submit, cancel, finish, status, list, subscribe, result, ping.
+Every request gets exactly one reply: type "ok" (body = the answer) or "error" (body =
+{code, field, message}). Events (server -> client) have type "event" and body
+{job, seq, kind, ...}; snapshot arrays travel as raw frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from protocol.errors import Psd3dError
+from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
+from protocol.specs import GenerateSpec, Image2dSpec, RefineSpec
+from protocol.wire import Message, ProtocolError
+
+REQUESTS = ("hello", "submit", "cancel", "finish", "status", "list", "subscribe", "result", "ping")
+SPECS = {"image2d": Image2dSpec, "generate": GenerateSpec, "refine": RefineSpec}
+EXACTLY_ONCE = ("progress", "done", "failed")  # delivered once, in order; snapshots coalesce
+
+
+def ok(request: Message, body: dict | None = None, arrays: dict | None = None) -> Message:
+    return Message("ok", request.id, body or {}, arrays or {})
+
+
+def error(request_id: str, exc: Psd3dError) -> Message:
+    return Message("error", request_id, exc.to_dict())
+
+
+def spec_from_body(pipeline: Any, fields: Any):
+    """A pipeline spec from a submit body; unknown pipelines and fields are named errors."""
+    if pipeline not in SPECS:
+        raise ProtocolError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    if not isinstance(fields, dict):
+        raise ProtocolError("spec: must be a map of the pipeline's fields", field="spec")
+    cls = SPECS[pipeline]
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in fields:
+        if key not in known:
+            raise ProtocolError(f"spec.{key}: not a field of {pipeline} (fields: {', '.join(sorted(known))})", field=f"spec.{key}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in fields:
+            raise ProtocolError(f"spec.{name}: required for {pipeline}", field=f"spec.{name}")
+    return cls(**fields)
+
+
+def event_to_message(job_id: str, seq: int, event) -> Message:
+    body: dict = {"job": job_id, "seq": seq}
+    arrays: dict = {}
+    if isinstance(event, Progress):
+        body.update(kind="progress", step=event.step, total=event.total, stage=event.stage, metrics=event.metrics)
+    elif isinstance(event, Done):
+        body.update(kind="done", outputs=event.outputs, final=event.final)
+    elif isinstance(event, Failed):
+        body.update(kind="failed", code=event.code, message=event.message, field=event.field)
+    elif isinstance(event, (ImageSnapshot, TextureSnapshot)):
+        body.update(kind="image" if isinstance(event, ImageSnapshot) else "texture", step=event.step)
+        arrays["image"] = event.image
+    elif isinstance(event, MeshSnapshot):
+        body.update(kind="mesh", step=event.step, topology_id=event.topology_id)
+        arrays.update(positions=event.positions, faces=event.faces)
+        if event.uvs is not None:
+            arrays["uvs"] = event.uvs
+    else:
+        raise TypeError(f"not an event: {type(event).__name__}")
+    return Message("event", "", body, arrays)
+
+
+def message_to_event(msg: Message) -> tuple[str, int, Any]:
+    """(job id, sequence number, event) from an event message."""
+    b, a = msg.body, msg.arrays
+    kind = b.get("kind")
+    if kind == "progress":
+        event = Progress(b["step"], b["total"], b["stage"], b.get("metrics", {}))
+    elif kind == "done":
+        event = Done(b["outputs"], b["final"])
+    elif kind == "failed":
+        event = Failed(b["code"], b["message"], b.get("field"))
+    elif kind == "image":
+        event = ImageSnapshot(b["step"], a["image"])
+    elif kind == "texture":
+        event = TextureSnapshot(b["step"], a["image"])
+    elif kind == "mesh":
+        event = MeshSnapshot(b["step"], a["positions"], a["faces"], a.get("uvs"), b["topology_id"])
+    else:
+        raise ProtocolError(f"kind: unknown event kind {kind!r}", field="kind")
+    return b["job"], b["seq"], event

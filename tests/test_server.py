@@ -1,0 +1,164 @@
+"""The service over real loopback sockets (ephemeral ports): submit -> events -> result,
+resubscribe after a drop, cancel, and malformed traffic while the server keeps serving."""
+
+import random
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from protocol.client import Client, ServerError
+from protocol.events import Done, Failed, ImageSnapshot, Progress
+from protocol.wire import Message, encode
+from backend.presets import PRESETS
+from backend.server.server import Server, check_bind
+from protocol.errors import InvalidInputError
+
+
+@pytest.fixture()
+def server(tmp_path, tiny):
+    srv = Server(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=tuple(PRESETS))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.stop()
+    thread.join(15)
+
+
+def test_submit_watch_result_end_to_end(server, tmp_path):
+    with Client(server.endpoint) as client:
+        hello = client.hello()
+        assert hello["protocol"] == 1 and "tiny" in hello["presets"] and "generate" in hello["pipelines"]
+        (job,) = client.submit("image2d", {"prompt": "a red teapot", "steps": 3})
+        events = list(client.watch(job))
+        kinds = [type(e).__name__ for _, e in events]
+        progress = [e.step for _, e in events if isinstance(e, Progress)]
+        assert progress == [1, 2, 3] and kinds[-1] == "Done"
+        seqs = [s for s, e in events if not isinstance(e, ImageSnapshot)]
+        assert seqs == list(range(1, len(seqs) + 1))  # exactly once, in order
+        assert client.status(job)["state"] == "done"
+        body, files = client.result(job)
+        assert {"image.png", "metrics.json", "reward_curve.png"} <= set(files)
+        assert files["image.png"][:8] == b"\x89PNG\r\n\x1a\n"
+        # a client that reconnects and resubscribes from seq 2 gets the rest once
+        replay = list(client.watch(job, after=2))
+        assert [s for s, e in replay if not isinstance(e, ImageSnapshot)] == list(range(3, len(seqs) + 1))
+
+
+def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
+    with Client(server.endpoint, timeout=5) as client:
+        with pytest.raises(ServerError) as err:
+            client.submit("image2d", {"prompt": ""})
+        assert err.value.field == "prompt"
+        with pytest.raises(ServerError) as err:
+            client.submit("image2d", {"prompt": "a cat", "colour": "red"})
+        assert err.value.field == "spec.colour"
+        with pytest.raises(ServerError) as err:
+            client.submit("sculpt", {"prompt": "a cat"})
+        assert err.value.field == "pipeline"
+        with pytest.raises(ServerError) as err:
+            client.status("../../etc/passwd")
+        assert err.value.field == "job"
+        with pytest.raises(ServerError) as err:
+            client.request("launch_missiles")
+        assert err.value.field == "type"
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server.endpoint)
+    rng = random.Random(1)
+    sent = 2000
+    for i in range(sent):
+        if i % 2:
+            frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))]
+        else:
+            frames = [msgpack.packb({"v": 1, "type": rng.choice(["submit", "status", "subscribe", "x"]), "id": str(i),
+                                     "body": rng.choice([{}, {"job": 5}, {"pipeline": "image2d", "spec": [1]}, {"after": -1}]),
+                                     "arrays": rng.choice([[], [{"name": "a", "dtype": "uint8", "shape": [9], "frame": 1}]])})]
+        raw.send_multipart(frames)
+    replies = 0
+    deadline = time.monotonic() + 30
+    while replies < sent and time.monotonic() < deadline:
+        if raw.poll(1000):
+            raw.recv_multipart()
+            replies += 1
+    raw.close(0)
+    assert replies == sent  # every message answered (errors), none crashed the server
+    with Client(server.endpoint, timeout=5) as client:
+        assert client.request("ping").type == "ok"
+
+
+def test_cancel_a_queued_job_and_finish_a_running_one(server):
+    with Client(server.endpoint) as client:
+        (first,) = client.submit("image2d", {"prompt": "a chair", "steps": 200})
+        (second,) = client.submit("image2d", {"prompt": "a lamp", "steps": 3})
+        client.cancel(second)
+        for _, event in client.watch(first):
+            if isinstance(event, Progress) and event.step == 2:
+                client.finish(first)
+            if isinstance(event, (Done, Failed)):
+                break
+        assert isinstance(event, Done) and event.final["steps_done"] < 200
+        assert client.status(first)["state"] == "done"
+        assert client.status(second)["state"] == "cancelled"
+
+
+def test_non_loopback_bind_without_keys_is_refused():
+    with pytest.raises(InvalidInputError) as err:
+        check_bind("tcp://0.0.0.0:5557", None)
+    assert err.value.field == "bind"
+    check_bind("tcp://127.0.0.1:5557", None)
+    check_bind("ipc:///tmp/psd3d.sock", None)
+
+
+def _start_serve(data, env):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:*", "--data", str(data)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stderr.readline()
+    assert "listening on" in line, line
+    return proc, line.split("listening on ")[1].split(",")[0]
+
+
+def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tiny, psd3d_home):
+    """The CLI server is killed hard mid-job; on restart the job resumes from its checkpoint and its
+    texture equals an uninterrupted run's, byte for byte."""
+    import os
+    import signal
+
+    from backend.geometry.mesh import Mesh, load_mesh, save_glb
+    from backend.geometry.primitives import uv_sphere
+    from backend.pipelines.mesh3d import run_refine
+    from protocol.specs import RefineSpec
+
+    v, f, uv = uv_sphere(16, 8, radius=0.4)
+    tex = np.full((16, 16, 4), 180, np.uint8)
+    save_glb(Mesh(v, f.long(), uv, tex), tmp_path / "ball.glb")
+    spec = {"mesh": str(tmp_path / "ball.glb"), "prompt": "a leather ball", "steps": 8, "seed": 5}
+    reference = list(run_refine(RefineSpec(**spec), tmp_path / "reference", models=tiny))[-1]
+    assert isinstance(reference, Done)
+    env = dict(os.environ, PSD3D_HOME=psd3d_home, MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE")
+    proc, endpoint = _start_serve(tmp_path / "data", env)
+    try:
+        with Client(endpoint, timeout=60) as client:
+            (job,) = client.submit("refine", spec)
+            for _, event in client.watch(job):
+                if isinstance(event, Progress) and event.step >= 6:
+                    break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc, endpoint = _start_serve(tmp_path / "data", env)
+        with Client(endpoint, timeout=60) as client:
+            steps = [e.step for _, e in client.watch(job) if isinstance(e, Progress)]
+            assert client.status(job)["state"] == "done"
+            _, files = client.result(job)
+        assert steps and steps[-1] == 8
+        (tmp_path / "got.glb").write_bytes(files["out.glb"])
+        assert np.array_equal(load_mesh(tmp_path / "got.glb").texture, load_mesh(tmp_path / "reference" / "out.glb").texture)
+    finally:
+        proc.kill()
+        proc.wait(10)
