@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     presets = tuple(args.preset) if args.preset else tuple(PRESETS)
-    server = Server(args.data, bind=args.bind, presets=presets)
+    server = Server(args.data, bind=args.bind, presets=presets, keys=args.keys)
     print(f"psd3d serve: listening on {server.endpoint}, data in {args.data}, presets {', '.join(presets)} "
           f"(Ctrl-C stops; running jobs resume on the next start)", file=sys.stderr)
     try:
@@ -103,7 +103,17 @@ def _spec_fields(args: argparse.Namespace) -> dict:
 def _client(args: argparse.Namespace):
     from protocol.client import Client
 
-    return Client(args.server)
+    curve = (str(args.key), str(args.server_key)) if args.key else None
+    return Client(args.server, curve=curve)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from backend.server.security import new_certificate
+
+    public, secret = new_certificate(args.dir, args.name)
+    print(f"public  {public}   (servers: copy client keys into <keys>/clients/; clients: use the server's)")
+    print(f"secret  {secret}   (keep it private)")
+    return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -222,10 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint (loopback unless CURVE keys are set)")
     sv.add_argument("--data", type=Path, default=Path.home() / ".local" / "share" / "psd3d", help="job store folder")
     sv.add_argument("--preset", action="append", choices=list(PRESETS), help="offer only these presets (repeatable)")
+    sv.add_argument("--keys", type=Path, default=None, help="CURVE folder: server.key_secret and clients/*.key")
     sv.set_defaults(run=_serve)
 
     def server_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", default="tcp://127.0.0.1:5557", help="the backend's address")
+        p.add_argument("--key", type=Path, default=None, help="this client's .key_secret (CURVE)")
+        p.add_argument("--server-key", type=Path, default=None, help="the server's public .key (CURVE)")
 
     su = sub.add_parser("submit", help="submit a job to a running backend")
     spipes = su.add_subparsers(dest="pipeline", required=True)
@@ -255,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", type=Path, required=True)
     server_arg(rs)
     rs.set_defaults(run=_result)
+
+    k = sub.add_parser("keys", help="CURVE certificates for remote use")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("new", help="create NAME.key (public) and NAME.key_secret")
+    kn.add_argument("name")
+    kn.add_argument("--dir", type=Path, default=Path("keys"))
+    kn.set_defaults(run=_keys)
 
     m = sub.add_parser("models", help="show which model files are present and where real weights go")
     m.set_defaults(run=_models)

@@ -15,6 +15,7 @@ import time
 from typing import Iterator
 
 import zmq
+import zmq.auth
 
 from protocol.errors import Psd3dError
 from protocol.messages import EXACTLY_ONCE, message_to_event
@@ -34,8 +35,10 @@ class ConnectionLost(Psd3dError):
 
 
 class Client:
-    def __init__(self, address: str = "tcp://127.0.0.1:5557", timeout: float = 10.0) -> None:
-        self.address, self.timeout = address, timeout
+    def __init__(self, address: str = "tcp://127.0.0.1:5557", timeout: float = 10.0,
+                 curve: tuple[str, str] | None = None) -> None:
+        """``curve``: (this client's ``.key_secret`` file, the server's public ``.key`` file)."""
+        self.address, self.timeout, self.curve = address, timeout, curve
         self.ctx = zmq.Context.instance()
         self._ids = itertools.count(1)
         self._events: collections.deque = collections.deque()
@@ -48,6 +51,10 @@ class Client:
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        if self.curve is not None:
+            public, secret = zmq.auth.load_certificate(self.curve[0])
+            server_key, _ = zmq.auth.load_certificate(self.curve[1])
+            self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_serverkey = secret, public, server_key
         self.socket.connect(self.address)
 
     def close(self) -> None:

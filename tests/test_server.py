@@ -162,3 +162,39 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tin
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_curve_allows_listed_clients_and_denies_others(tmp_path, tiny):
+    import shutil
+
+    from backend.server.security import new_certificate
+
+    keys = tmp_path / "keys"
+    new_certificate(keys, "server")
+    alice_pub, alice_secret = new_certificate(tmp_path / "alice", "alice")
+    _, mallory_secret = new_certificate(tmp_path / "mallory", "mallory")
+    (keys / "clients").mkdir()
+    shutil.copy(alice_pub, keys / "clients" / "alice.key")
+    srv = Server(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=tuple(PRESETS), keys=keys)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client(srv.endpoint, timeout=5, curve=(str(alice_secret), str(keys / "server.key"))) as alice:
+            assert alice.request("ping").type == "ok"
+        from protocol.client import ConnectionLost
+
+        with Client(srv.endpoint, timeout=2, curve=(str(mallory_secret), str(keys / "server.key"))) as mallory:
+            with pytest.raises(ConnectionLost):
+                mallory.request("ping")
+        with Client(srv.endpoint, timeout=2) as plain:  # no CURVE at all
+            with pytest.raises(ConnectionLost):
+                plain.request("ping")
+        bob_pub, bob_secret = new_certificate(tmp_path / "bob", "bob")
+        shutil.copy(bob_pub, keys / "clients" / "bob.key")  # the allow-list is reloaded while serving
+        time.sleep(1.5)
+        with Client(srv.endpoint, timeout=5, curve=(str(bob_secret), str(keys / "server.key"))) as bob:
+            assert bob.request("ping").type == "ok"
+    finally:
+        srv.stop()
+        thread.join(15)
+    check_bind("tcp://0.0.0.0:5557", keys)  # with keys a public bind is allowed

@@ -46,15 +46,22 @@ def check_bind(address: str, keys: Path | None) -> None:
 
 
 class Server:
-    def __init__(self, data_dir: str | Path, bind: str = DEFAULT_BIND, presets: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: str | Path, bind: str = DEFAULT_BIND, presets: tuple[str, ...] = (),
+                 keys: str | Path | None = None) -> None:
         if zmq.zmq_version_info() < MIN_LIBZMQ:
             raise RuntimeError(f"libzmq {zmq.zmq_version()} is older than 4.3.2 (CVE-2019-13132); upgrade pyzmq")
-        check_bind(bind, None)
+        check_bind(bind, Path(keys) if keys else None)
         self.store = JobStore(data_dir)
         self.store.recover()
         self.presets = presets
         self.ctx = zmq.Context.instance()
         self.socket = self.ctx.socket(zmq.ROUTER)
+        self.guard = None
+        if keys:
+            from backend.server.security import CurveGuard
+
+            self.guard = CurveGuard(self.ctx, keys)
+            self.guard.apply(self.socket)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
@@ -178,6 +185,7 @@ class Server:
         self.executor.start()
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        last_refresh = time.monotonic()
         try:
             while not self._stop.is_set():
                 if dict(poller.poll(poll_ms)).get(self.socket):
@@ -188,7 +196,12 @@ class Server:
                             break
                         self.handle(peer.bytes, frames)
                 self.publish()
+                if self.guard is not None and time.monotonic() - last_refresh > 1.0:
+                    self.guard.refresh()
+                    last_refresh = time.monotonic()
         finally:
+            if self.guard is not None:
+                self.guard.stop()
             self.executor.stop()
             self.socket.close(0)
             self.store.close()
