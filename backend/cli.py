@@ -282,8 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from protocol.errors import Psd3dError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Psd3dError as exc:  # bad input, a refused bind, a server's error reply, a lost connection
+        print(f"psd3d: error [{exc.code}] {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,14 @@ from backend.server.server import Server, check_bind
 from protocol.errors import InvalidInputError
 
 
+def _rss_mib() -> float:
+    """Resident memory of this process (the server runs in a thread of it)."""
+    import os
+
+    with open(f"/proc/{os.getpid()}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 @pytest.fixture()
 def server(tmp_path, tiny):
     srv = Server(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=tuple(PRESETS))
@@ -53,6 +61,10 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
         with pytest.raises(ServerError) as err:
             client.submit("image2d", {"prompt": ""})
         assert err.value.field == "prompt"
+        with pytest.raises(ServerError) as err:  # too long for the tokenizer: refused before it is queued
+            client.submit("image2d", {"prompt": "a very long prompt " * 30})
+        assert err.value.field == "prompt" and "tokens" in str(err.value)
+        assert client.request("list").body["jobs"] == []
         with pytest.raises(ServerError) as err:
             client.submit("image2d", {"prompt": "a cat", "colour": "red"})
         assert err.value.field == "spec.colour"
@@ -69,7 +81,8 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(server.endpoint)
     rng = random.Random(1)
-    sent = 2000
+    sent = 10_000
+    rss_before = _rss_mib()
     for i in range(sent):
         if i % 2:
             frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40)))]
@@ -86,6 +99,9 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
             replies += 1
     raw.close(0)
     assert replies == sent  # every message answered (errors), none crashed the server
+    growth = _rss_mib() - rss_before
+    assert growth < 50, f"resident memory grew by {growth:.1f} MiB over {sent} malformed messages"
+    print(f"fuzz: {sent} malformed messages answered, RSS growth {growth:.1f} MiB")
     with Client(server.endpoint, timeout=5) as client:
         assert client.request("ping").type == "ok"
 

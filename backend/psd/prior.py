@@ -38,6 +38,25 @@ class PriorSource:
     tiny_decoder: str | None = DEFAULT_TINY_DECODER
 
 
+def check_prompt_tokens(tokenizer, prompt: str, field: str = "prompt") -> None:
+    """An empty prompt, or one longer than the text encoder reads, is an :class:`InvalidInputError`."""
+    require(isinstance(prompt, str), field, f"must be a string, got {type(prompt).__name__}")
+    require(prompt.strip() != "", field, "is empty; describe the object, e.g. 'a wooden treasure chest'")
+    n_tokens = len(tokenizer(prompt, truncation=False).input_ids)
+    limit = tokenizer.model_max_length
+    if n_tokens > limit:
+        raise InvalidInputError(f"{field}: {n_tokens} tokens, the text encoder reads at most {limit} "
+                                f"(including start and end tokens); shorten it", field=field)
+
+
+def load_tokenizer(source: PriorSource):
+    """The prior's CLIP tokenizer alone (cheap): the server checks prompts before acknowledging."""
+    from transformers import CLIPTokenizer
+
+    return load_or_explain("diffusion prior's tokenizer", source.model, "preset.prior",
+                           lambda loc, lo: CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", local_files_only=lo))
+
+
 class DiffusionPrior:
     """A frozen latent diffusion model used as a score function."""
 
@@ -106,16 +125,7 @@ class DiffusionPrior:
     # -- text ------------------------------------------------------------------------------
     def check_prompt(self, prompt: str, field: str = "prompt") -> None:
         """Raise :class:`InvalidInputError` for an empty prompt or one past the tokenizer's limit."""
-        require(isinstance(prompt, str), field, f"must be a string, got {type(prompt).__name__}")
-        require(prompt.strip() != "", field, "is empty; describe the object, e.g. 'a wooden treasure chest'")
-        n_tokens = len(self.tokenizer(prompt, truncation=False).input_ids)
-        limit = self.tokenizer.model_max_length
-        if n_tokens > limit:
-            raise InvalidInputError(
-                f"{field}: {n_tokens} tokens, the text encoder reads at most {limit} "
-                f"(including start and end tokens); shorten it",
-                field=field,
-            )
+        check_prompt_tokens(self.tokenizer, prompt, field)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], field: str = "prompt") -> torch.Tensor:

@@ -73,6 +73,7 @@ class Server:
         self.subscribers: dict[str, set[bytes]] = {}
         self.latest: dict[tuple[str, str], Message] = {}  # (job, kind) -> latest snapshot
         self.dropped = 0
+        self._tokenizers: dict = {}
         self._stop = threading.Event()
 
     # -- sending ---------------------------------------------------------------------------
@@ -121,10 +122,27 @@ class Server:
             specs = [spec_from_body(body.get("pipeline"), spec_fields)]
         for spec in specs:  # validate everything before acknowledging anything
             spec.validate(self.presets)
+            self._check_tokens(spec)
         batch = __import__("uuid").uuid4().hex if prompts is not None else None
         ids = [self.store.create(body["pipeline"], spec.to_dict(), batch) for spec in specs]
         self.executor.notify()
         return ok(msg, {"jobs": ids, "batch": batch})
+
+    def _check_tokens(self, spec) -> None:
+        """Prompt lengths by the preset's own tokenizer (loaded once per preset, without the models)."""
+        from backend.presets import get_preset
+        from backend.psd.prior import check_prompt_tokens, load_tokenizer
+        from backend.psd.tiny import ensure_tiny_models
+
+        if spec.preset not in self._tokenizers:
+            models = get_preset(spec.preset).models
+            if models.build_tiny:
+                ensure_tiny_models()
+            self._tokenizers[spec.preset] = load_tokenizer(models.prior)
+        tokenizer = self._tokenizers[spec.preset]
+        check_prompt_tokens(tokenizer, spec.prompt, "prompt")
+        if spec.negative_prompt:
+            check_prompt_tokens(tokenizer, spec.negative_prompt, "negative_prompt")
 
     def on_status(self, peer, msg):
         return ok(msg, self.store.get(msg.body.get("job")).to_dict())
