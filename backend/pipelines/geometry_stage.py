@@ -23,7 +23,8 @@ from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
 from backend.psd.guidance import distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import AnnealedSchedule
-from backend.render.camera import OrbitSpec, view_suffix
+from backend.render.camera import OrbitSpec
+from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.render.ops import RasterContext
 from backend.render.shading import rasterize_views, render_lambertian, render_normals
 
@@ -70,11 +71,9 @@ class GeometryStage:
         self.deform = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
         self.optimizer = torch.optim.Adam([self.sdf, self.deform], lr=settings.lr)
         self.generator = torch.Generator().manual_seed(seed)
-        suffixes = [", front view", ", side view", ", back view"]
-        embeds = prior.encode_text([prompt + s for s in suffixes])
-        self.view_embeddings = {s: embeds[i : i + 1] for i, s in enumerate(suffixes)}
+        self.views = ViewPrompts(prior, prompt)
         negative = NegativeEmbedding(negative_init, NegativeConfig(lr=0.0))  # SDS here: n stays fixed
-        self.distiller = ScoreDistiller(prior, models.target_reward, None, embeds[:1], negative,
+        self.distiller = ScoreDistiller(prior, models.target_reward, None, self.views.front, negative,
                                         settings.guidance, self.generator)
         self.cameras = OrbitSpec(**{**settings.cameras.__dict__, "width": settings.render_size, "height": settings.render_size})
         self.step = 0
@@ -123,18 +122,15 @@ class GeometryStage:
                 return
             start = time.perf_counter()
             verts, faces = self.extract()
-            cams = self.cameras.sample(s.views, self.generator)
-            y = torch.cat([self.view_embeddings[view_suffix(c.azimuth)] for c in cams])
+            cams, y = self.views.sample(self.cameras, s.views, self.generator)
             frags = rasterize_views(self.ctx, verts, faces.int(), cams)
             if float(torch.rand(1, generator=self.generator)) < s.normal_render_probability:
                 images = render_normals(self.ctx, frags, verts, faces, torch.ones(3, device=self.device))
             else:
                 light = F.normalize(cams[0].c2w[:3, 3].to(self.device) + torch.randn(3, generator=self.generator).to(self.device) * 0.5, dim=0)
                 images = render_lambertian(self.ctx, frags, verts, faces, light)
-            if images.shape[-1] != s.prior_size:
-                images = F.interpolate(images, size=(s.prior_size, s.prior_size), mode="bilinear", align_corners=False)
             t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
-            x_c = prior.encode_images(images)
+            x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
             out = self.distiller.step(x_c, t, self.step, y=y)
             loss = distillation_loss(x_c, out.grad)
             if s.normal_consistency_weight > 0:

@@ -26,7 +26,8 @@ from backend.psd.distill import GuidanceConfig, ScoreDistiller
 from backend.psd.guidance import distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import AnnealedSchedule
-from backend.render.camera import OrbitSpec, view_suffix
+from backend.render.camera import OrbitSpec
+from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.render.ops import RasterContext
 from backend.render.shading import rasterize_views, render_albedo
 
@@ -73,11 +74,9 @@ class TextureStage:
         self.optimizer = torch.optim.Adam(self.texture.parameters(), lr=settings.lr)
         self.negative = NegativeEmbedding(negative_init, settings.negative)
         self.generator = torch.Generator().manual_seed(seed)
-        suffixes = [", front view", ", side view", ", back view"]
-        embeds = prior.encode_text([prompt + s for s in suffixes])  # view-dependent prompts (DreamFusion)
-        self.view_embeddings = {s: embeds[i : i + 1] for i, s in enumerate(suffixes)}
+        self.views = ViewPrompts(prior, prompt)
         self.reward_features = models.target_reward.text_features(prompt)  # the reward sees the artist's prompt
-        self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, embeds[:1], self.negative,
+        self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, self.views.front, self.negative,
                                         guidance, self.generator)
         self.positions = mesh.positions.to(self.device)
         self.faces = mesh.faces.to(self.device).int()
@@ -140,14 +139,10 @@ class TextureStage:
             if should_stop():
                 return
             start = time.perf_counter()
-            cams = self.cameras.sample(s.views, self.generator)
-            y = torch.cat([self.view_embeddings[view_suffix(c.azimuth)] for c in cams])
+            cams, y = self.views.sample(self.cameras, s.views, self.generator)
             t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
             images = self.render(cams)
-            if images.shape[-1] != s.prior_size:
-                images = F.interpolate(images, size=(s.prior_size, s.prior_size), mode="bilinear", align_corners=False,
-                                       antialias=True)
-            x_c = prior.encode_images(images)
+            x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
             out = self.distiller.step(x_c, t, self.step, y=y)
             self.optimizer.zero_grad(set_to_none=True)
             distillation_loss(x_c, out.grad).backward()
