@@ -11,7 +11,7 @@ from protocol.errors import InvalidInputError, ModelNotFoundError
 from backend.presets import TINY_MODELS
 from backend.psd.negative import negative_embedding_reward
 from backend.psd.prior import DiffusionPrior, PriorSource
-from backend.psd.rewards import HpsReward, HpsSource, PickScoreSource, clip_preprocess, load_reward, CLIP_MEAN, CLIP_STD
+from backend.psd.rewards import CLIP_MEAN, CLIP_STD, HpsSource, PickScoreSource, load_reward
 from backend.psd.tiny import tiny_root
 
 

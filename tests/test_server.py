@@ -12,7 +12,6 @@ import zmq
 
 from protocol.client import Client, ServerError
 from protocol.events import Done, Failed, ImageSnapshot, Progress
-from protocol.wire import Message, encode
 from backend.presets import PRESETS
 from backend.server.server import Server, check_bind
 from protocol.errors import InvalidInputError

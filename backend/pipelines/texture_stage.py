@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from protocol.events import Progress, TextureSnapshot
 from backend.files import atomic_torch_save

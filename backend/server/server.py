@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import zmq
 
 from protocol.errors import InvalidInputError, Psd3dError
-from protocol.messages import REQUESTS, error, event_to_message, ok, spec_from_body
+from protocol.messages import REQUESTS, error, ok, spec_from_body
 from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 from backend.jobs.store import JobStore
 from backend.server.executor import LocalExecutor
