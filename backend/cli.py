@@ -107,6 +107,16 @@ def _client(args: argparse.Namespace):
     return Client(args.server, curve=curve)
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from backend.jobs.store import JobStore
+
+    store = JobStore(args.data)
+    removed = store.prune(args.older_than)
+    store.close()
+    print(f"removed {len(removed)} finished job(s) older than {args.older_than} day(s) from {args.data}")
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from backend.server.security import new_certificate
 
@@ -268,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--out", type=Path, required=True)
     server_arg(rs)
     rs.set_defaults(run=_result)
+
+    jb = sub.add_parser("jobs", help="manage the job store")
+    jsub = jb.add_subparsers(dest="jobs_command", required=True)
+    pr = jsub.add_parser("prune", help="delete finished jobs (and their folders) older than N days")
+    pr.add_argument("--older-than", type=float, default=30.0, help="days (default 30; 0 = all finished jobs)")
+    pr.add_argument("--data", type=Path, default=Path.home() / ".local" / "share" / "psd3d")
+    pr.set_defaults(run=_prune)
 
     k = sub.add_parser("keys", help="CURVE certificates for remote use")
     ksub = k.add_subparsers(dest="keys_command", required=True)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a temporary file in the same folder, then one rename.
+"""Atomic file writes: a temporary file in the same folder, fsync, then one rename (and an fsync
+of the folder, so the rename itself survives a power cut).
 
 A reader (the server, Blender, a resumed job) sees the old file or the new one, never half of one.
 """
@@ -21,7 +22,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as fh:  # the bytes reach the disk before the name does
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

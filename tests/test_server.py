@@ -213,3 +213,32 @@ def test_curve_allows_listed_clients_and_denies_others(tmp_path, tiny):
         srv.stop()
         thread.join(15)
     check_bind("tcp://0.0.0.0:5557", keys)  # with keys a public bind is allowed
+
+
+def test_a_client_that_reconnects_mid_stream_gets_each_event_once_and_the_latest_snapshot(server):
+    with Client(server.endpoint) as first:
+        (job,) = first.submit("image2d", {"prompt": "a lamp", "steps": 12})
+        seen = []
+        for seq, event in first.watch(job):
+            if not isinstance(event, ImageSnapshot):
+                seen.append(seq)
+            if len(seen) == 4:
+                break  # the client goes away mid-stream
+    time.sleep(1.0)
+    with Client(server.endpoint) as second:
+        rest, snapshots = [], []
+        for seq, event in second.watch(job, after=seen[-1]):
+            (snapshots if isinstance(event, ImageSnapshot) else rest).append(seq)
+    assert seen + rest == list(range(1, len(seen) + len(rest) + 1))  # every event once, in order
+    assert snapshots  # the latest snapshot is resent on resubscribe
+
+
+def test_prune_removes_finished_jobs_and_their_folders(tmp_path):
+    from backend.jobs.store import JobStore
+
+    store = JobStore(tmp_path)
+    done, queued = store.create("image2d", {"prompt": "a"}), store.create("image2d", {"prompt": "b"})
+    store.set_state(done, "done", final={})
+    assert store.prune(0) == [done]
+    assert not store.folder(done).exists() and store.folder(queued).exists()
+    assert [r.id for r in store.list()] == [queued]

@@ -112,6 +112,22 @@ class JobStore:
             self._db.execute("UPDATE jobs SET state = 'queued', resume = 1 WHERE state = 'running'")
         return [r[0] for r in rows]
 
+    def prune(self, older_than_days: float) -> list[str]:
+        """Delete finished jobs (done, failed, cancelled) older than the given age, folders included."""
+        import shutil
+
+        cutoff = time.time() - older_than_days * 86400
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND created < ?",
+                                    (cutoff,)).fetchall()
+            ids = [r[0] for r in rows]
+            for job_id in ids:
+                self._db.execute("DELETE FROM events WHERE job = ?", (job_id,))
+                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        for job_id in ids:
+            shutil.rmtree(self.folder(job_id), ignore_errors=True)
+        return ids
+
     # -- reads ---------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRow:
         self.folder(job_id)

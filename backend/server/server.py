@@ -81,8 +81,13 @@ class Server:
         try:
             self.socket.send_multipart([peer, *encode(message)], flags=zmq.NOBLOCK, copy=False)
             return True
-        except (zmq.Again, zmq.ZMQError):  # full or unknown peer: drop (see the module docstring)
+        except zmq.Again:  # the peer's queue is full: drop (see the module docstring)
             self.dropped += 1
+            return False
+        except zmq.ZMQError:  # the peer is gone (EHOSTUNREACH): forget its subscriptions
+            self.dropped += 1
+            for peers in self.subscribers.values():
+                peers.discard(peer)
             return False
 
     # -- requests ----------------------------------------------------------------------------
