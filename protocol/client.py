@@ -110,10 +110,13 @@ class Client:
         return msg.body, {name: arr.tobytes() for name, arr in msg.arrays.items()}
 
     # -- events ------------------------------------------------------------------------------------
-    def watch(self, job: str, after: int = 0, heartbeat: float = 5.0, retries: int = 5) -> Iterator:
-        """Yield (seq, event) for one job until it is done or failed. Snapshots may skip."""
+    def watch(self, job: str, after: int = 0, heartbeat: float = 5.0, retries: int = 5,
+              texture_encoding: str = "auto") -> Iterator:
+        """Yield (seq, event) for one job until it is done or failed. Snapshots may skip.
+        ``texture_encoding``: "raw", "png" (smaller, for slow links) or "auto" (PNG above 256 KiB)."""
         last = after
-        self.request("subscribe", {"job": job, "after": last})
+        sub = lambda: {"job": job, "after": last, "texture_encoding": texture_encoding}  # noqa: E731
+        self.request("subscribe", sub())
         quiet_since, failures = time.monotonic(), 0
         while True:
             msg = self._next_event(0.2)
@@ -121,7 +124,7 @@ class Client:
                 if time.monotonic() - quiet_since > heartbeat:
                     try:  # silence: is the server alive? resubscribe from what we have
                         self._connect()
-                        self.request("subscribe", {"job": job, "after": last}, timeout=heartbeat)
+                        self.request("subscribe", sub(), timeout=heartbeat)
                         failures = 0
                     except ConnectionLost:
                         failures += 1
@@ -139,7 +142,7 @@ class Client:
                 if seq <= last:
                     continue  # a duplicate from a replay
                 if seq > last + 1:  # a gap: something was dropped; ask for the rest
-                    self.request("subscribe", {"job": job, "after": last})
+                    self.request("subscribe", sub())
                     continue
                 last = seq
                 yield seq, event

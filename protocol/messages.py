@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from protocol.errors import Psd3dError
+from protocol.png import decode_png, encode_png
 from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
 from protocol.specs import GenerateSpec, Image2dSpec, RefineSpec
 from protocol.wire import Message, ProtocolError
@@ -70,6 +73,21 @@ def event_to_message(job_id: str, seq: int, event) -> Message:
     return Message("event", "", body, arrays)
 
 
+PNG_AUTO_BYTES = 256 << 10  # "auto": images larger than this travel as PNG
+
+
+def png_variant(msg: Message) -> Message:
+    """The same image/texture event with its image as PNG bytes (for slow links)."""
+    data = np.frombuffer(encode_png(np.ascontiguousarray(msg.arrays["image"])), np.uint8)
+    return Message(msg.type, msg.id, {**msg.body, "encoding": "png"}, {"png": data})
+
+
+def wants_png(encoding: str, msg: Message) -> bool:
+    if msg.body.get("kind") not in ("image", "texture") or encoding == "raw":
+        return False
+    return encoding == "png" or msg.arrays["image"].nbytes > PNG_AUTO_BYTES
+
+
 def message_to_event(msg: Message) -> tuple[str, int, Any]:
     """(job id, sequence number, event) from an event message."""
     b, a = msg.body, msg.arrays
@@ -80,10 +98,9 @@ def message_to_event(msg: Message) -> tuple[str, int, Any]:
         event = Done(b["outputs"], b["final"])
     elif kind == "failed":
         event = Failed(b["code"], b["message"], b.get("field"))
-    elif kind == "image":
-        event = ImageSnapshot(b["step"], a["image"])
-    elif kind == "texture":
-        event = TextureSnapshot(b["step"], a["image"])
+    elif kind in ("image", "texture"):
+        image = decode_png(a["png"].tobytes()) if b.get("encoding") == "png" else a["image"]
+        event = (ImageSnapshot if kind == "image" else TextureSnapshot)(b["step"], image)
     elif kind == "mesh":
         event = MeshSnapshot(b["step"], a["positions"], a["faces"], a.get("uvs"), b["topology_id"])
     else:

@@ -61,15 +61,50 @@ class Image2dSpec(JobSpec):
     """Algorithm 2: optimise one image latent by score distillation (the 2D experiment)."""
 
 
+MAX_CAMERAS = 256
+
+
+def check_camera_rig(rig) -> None:
+    """A rig is ``{"orbit": {"elevation": [lo, hi], "azimuth": [lo, hi], "distance": [lo, hi], "fov_y": [lo, hi]}}``
+    (degrees; distance in units of the normalised object, which spans 1) or ``{"matrices": [[16 floats,
+    row-major camera-to-world, OpenGL camera looking down -Z, in the input's glTF frame], ...], "fov_y": [deg, ...]}``."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    require(isinstance(rig, dict) and len(rig) in (1, 2), "cameras", "must be {'orbit': {...}} or {'matrices': [...], 'fov_y': [...]}")
+    if "orbit" in rig:
+        orbit = rig["orbit"]
+        require(isinstance(orbit, dict), "cameras.orbit", "must be a map of ranges")
+        limits = {"elevation": (-90, 90), "azimuth": (-360, 360), "distance": (0.1, 100), "fov_y": (1, 170)}
+        for key, value in orbit.items():
+            require(key in limits, f"cameras.orbit.{key}", f"unknown; use {', '.join(limits)}")
+            lo, hi = limits[key]
+            require(isinstance(value, list) and len(value) == 2 and all(number(v) and lo <= v <= hi for v in value)
+                    and value[0] <= value[1], f"cameras.orbit.{key}", f"must be [low, high] within [{lo}, {hi}]")
+        return
+    matrices, fovs = rig.get("matrices"), rig.get("fov_y")
+    require(isinstance(matrices, list) and 0 < len(matrices) <= MAX_CAMERAS, "cameras.matrices",
+            f"must be a list of 1..{MAX_CAMERAS} matrices")
+    require(isinstance(fovs, list) and len(fovs) == len(matrices) and all(number(f) and 1 <= f <= 170 for f in fovs),
+            "cameras.fov_y", "must give one vertical field of view in 1..170 degrees per matrix")
+    for i, m in enumerate(matrices):
+        require(isinstance(m, list) and len(m) == 16 and all(number(v) for v in m), f"cameras.matrices[{i}]",
+                "must be 16 finite numbers (row-major 4x4)")
+        require(m[12:] == [0, 0, 0, 1], f"cameras.matrices[{i}]", "last row must be 0 0 0 1 (a rigid camera-to-world)")
+
+
 @dataclass(kw_only=True)
 class RefineSpec(JobSpec):
     """Re-texture a mesh: its UVs kept (unwrapped if it has none), its texture the start."""
 
     mesh: str  # path of a GLB/glTF/OBJ/PLY file on the backend's machine
+    cameras: dict | None = None  # a camera rig (see check_camera_rig); None: the preset's orbit
 
     def validate(self, presets: tuple[str, ...]) -> None:
         require(isinstance(self.mesh, str) and self.mesh.strip() != "", "mesh", "must name a mesh file")
         super().validate(presets)
+        if self.cameras is not None:
+            check_camera_rig(self.cameras)
 
 
 @dataclass(kw_only=True)
@@ -77,8 +112,11 @@ class GenerateSpec(JobSpec):
     """Text to a textured mesh: DMTet geometry (from a primitive or a blocked-out mesh), then texture."""
 
     init_mesh: str | None = None  # a blocked-out mesh; its frame and scale are kept
+    cameras: dict | None = None  # a camera rig for the texture stage (see check_camera_rig)
 
     def validate(self, presets: tuple[str, ...]) -> None:
         super().validate(presets)
+        if self.cameras is not None:
+            check_camera_rig(self.cameras)
         if self.init_mesh is not None:
             require(isinstance(self.init_mesh, str) and self.init_mesh.strip() != "", "init_mesh", "must name a mesh file")

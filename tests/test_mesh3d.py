@@ -180,3 +180,27 @@ def test_generate_resume_matches_an_uninterrupted_run(tmp_path, tiny):
     assert [e.step for e in resumed if isinstance(e, Progress)] == [5, 6]  # geometry done, texture from step 4
     assert np.array_equal(load_mesh(tmp_path / "a" / "out.glb").texture, load_mesh(tmp_path / "b" / "out.glb").texture)
     assert torch.equal(load_mesh(tmp_path / "a" / "out.glb").positions, load_mesh(tmp_path / "b" / "out.glb").positions)
+
+
+def test_refine_with_the_artists_own_cameras(tmp_path, tiny, asymmetric_glb):
+    from backend.render.camera import look_at, rig_from_spec, to_clip
+
+    centre = torch.tensor([3.0, 1.0, -2.0])
+    eyes = [centre + torch.tensor(d) for d in ([0.0, 0.3, 2.0], [2.0, 0.5, 0.0], [0.0, 0.2, -2.0])]
+    rig = {"matrices": [look_at(e.tolist(), centre.tolist()).reshape(-1).tolist() for e in eyes], "fov_y": [50.0] * 3}
+    # in the unit frame, each camera still looks at the object's centre
+    src = load_mesh(asymmetric_glb / "asym.glb")
+    from backend.geometry.mesh import Normalisation
+
+    norm = Normalisation.fit(src.positions.numpy().astype(np.float64))
+    cams = rig_from_spec(rig, tuple(norm.centre), norm.scale).cameras
+    ndc = to_clip(torch.zeros(1, 3), list(cams))
+    torch.testing.assert_close(ndc[:, 0, :2] / ndc[:, 0, 3:], torch.zeros(3, 2), atol=0.02, rtol=0)
+    assert [c.azimuth for c in cams][0] == pytest.approx(0.0, abs=1e-3)
+    events = list(run_refine(RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a ball", steps=2, cameras=rig),
+                             tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    bad = dict(rig, matrices=[rig["matrices"][0][:15]] + rig["matrices"][1:])
+    failed = list(run_refine(RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a ball", cameras=bad), tmp_path / "bad",
+                             models=tiny))
+    assert isinstance(failed[0], Failed) and failed[0].field == "cameras.matrices[0]"

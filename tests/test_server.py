@@ -51,8 +51,10 @@ def test_submit_watch_result_end_to_end(server, tmp_path):
         assert {"image.png", "metrics.json", "reward_curve.png"} <= set(files)
         assert files["image.png"][:8] == b"\x89PNG\r\n\x1a\n"
         # a client that reconnects and resubscribes from seq 2 gets the rest once
-        replay = list(client.watch(job, after=2))
+        replay = list(client.watch(job, after=2, texture_encoding="png"))
         assert [s for s, e in replay if not isinstance(e, ImageSnapshot)] == list(range(3, len(seqs) + 1))
+        pngs = [e for _, e in replay if isinstance(e, ImageSnapshot)]  # the latest snapshot, sent as PNG
+        assert pngs and pngs[-1].image.shape == (128, 128, 4) and pngs[-1].image.dtype == np.uint8
 
 
 def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
@@ -67,6 +69,9 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
         with pytest.raises(ServerError) as err:
             client.submit("image2d", {"prompt": "a cat", "colour": "red"})
         assert err.value.field == "spec.colour"
+        with pytest.raises(ServerError) as err:
+            client.submit("refine", {"prompt": "a cat", "mesh": "/nonexistent/cat.glb"})
+        assert err.value.field == "mesh"
         with pytest.raises(ServerError) as err:
             client.submit("sculpt", {"prompt": "a cat"})
         assert err.value.field == "pipeline"

@@ -87,3 +87,30 @@ def test_ten_thousand_random_messages_each_get_a_named_error_or_decode():
             assert exc.field and exc.message
             outcomes["error"] += 1
     assert outcomes["ok"] + outcomes["error"] == 10_000 and outcomes["error"] > 9_000
+
+
+def test_png_codec_round_trips_and_pillow_agrees():
+    import io
+
+    from PIL import Image
+
+    from protocol.png import decode_png, encode_png
+    from protocol.events import TextureSnapshot
+    from protocol.messages import event_to_message, message_to_event, png_variant
+
+    rgba = np.random.default_rng(3).integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    data = encode_png(rgba)
+    np.testing.assert_array_equal(decode_png(data), rgba)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")), rgba)
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")  # Pillow's own filters: decoded or refused by name
+    try:
+        np.testing.assert_array_equal(decode_png(buf.getvalue()), rgba)
+    except ProtocolError as exc:
+        assert exc.field == "png"
+    msg = png_variant(event_to_message("a" * 32, 4, TextureSnapshot(9, rgba)))
+    job, seq, event = message_to_event(decode(encode(msg)))
+    assert (job, seq, event.step) == ("a" * 32, 4, 9)
+    np.testing.assert_array_equal(event.image, rgba)
+    with pytest.raises(ProtocolError):
+        decode_png(b"not a png")

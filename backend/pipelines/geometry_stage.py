@@ -75,7 +75,7 @@ class GeometryStage:
         negative = NegativeEmbedding(negative_init, NegativeConfig(lr=0.0))  # SDS here: n stays fixed
         self.distiller = ScoreDistiller(prior, models.target_reward, None, self.views.front, negative,
                                         settings.guidance, self.generator)
-        self.cameras = OrbitSpec(**{**settings.cameras.__dict__, "width": settings.render_size, "height": settings.render_size})
+        self.cameras = settings.cameras.resized(settings.render_size, settings.render_size)
         self.step = 0
         self.log = MetricsLog()
         self.topology_id = 0

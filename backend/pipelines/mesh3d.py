@@ -30,6 +30,7 @@ from backend.pipelines.image2d import _describe
 from backend.pipelines.results import finish, mesh_snapshot_arrays
 from backend.pipelines.texture_stage import TextureStage
 from backend.presets import PRESETS, Preset, get_preset, with_overrides
+from backend.render.camera import rig_from_spec
 from backend.psd.distill import Method
 from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS, NegativeEmbedding
 
@@ -93,7 +94,8 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     total = spec.steps or preset.texture.steps
     atomic_write_json(out / "spec.json", {"pipeline": "refine", "spec": spec.to_dict(), "texture_steps": total,
                                           "guidance": _describe(guidance)})
-    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out)
+    rig = rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale)
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig)
     if resume:
         stage.load_checkpoint()
     stage.log.final["warnings"] = warnings
@@ -142,7 +144,8 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
         atomic_torch_save({"positions": world.positions, "faces": world.faces, "uvs": world.uvs}, unwrapped)
     unit = Mesh(torch.from_numpy(norm.to_unit(world.positions.numpy().astype(np.float64)).astype(np.float32)),
                 world.faces, world.uvs)
-    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out)
+    rig = rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale)
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig)
     if resume:
         stage.load_checkpoint()
     stage.log.final["warnings"] = warnings

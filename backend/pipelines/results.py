@@ -23,8 +23,8 @@ PREVIEW_SIZE = 256
 def turntable(stage: TextureStage, views: int = PREVIEW_VIEWS) -> torch.Tensor:
     """(views,3,H,W) renders evenly spaced around the object at 15 degrees elevation, at least
     PREVIEW_SIZE pixels square (the reward resizes to its own input anyway)."""
-    size = max(PREVIEW_SIZE, stage.cameras.width)
-    cams = replace(stage.cameras, width=size, height=size, fov_y=(45.0, 45.0)).turntable(views)
+    size = max(PREVIEW_SIZE, stage.settings.render_size)
+    cams = replace(stage.settings.cameras, width=size, height=size, fov_y=(45.0, 45.0)).turntable(views)
     with torch.no_grad():
         return stage.render(cams)
 

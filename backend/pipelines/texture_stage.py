@@ -56,8 +56,9 @@ class TextureStage:
     CHECKPOINT = "checkpoints/texture.pt"
 
     def __init__(self, models: LoadedModels, mesh: Mesh, prompt: str, negative_init: torch.Tensor,
-                 settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path) -> None:
-        """``mesh`` in the unit optimisation frame with per-corner UVs; its texture (if any) is the start."""
+                 settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path, rig=None) -> None:
+        """``mesh`` in the unit optimisation frame with per-corner UVs; its texture (if any) is the start.
+        ``rig`` (an OrbitSpec or CameraList in the unit frame) replaces the preset's cameras."""
         self.models, self.mesh, self.settings, self.out = models, mesh, settings, out_dir
         prior = models.prior
         self.device = prior.device
@@ -81,7 +82,7 @@ class TextureStage:
         self.faces = mesh.faces.to(self.device).int()
         self.uvs = mesh.uvs.to(self.device)
         self.background = torch.tensor(settings.background, device=self.device)
-        self.cameras = OrbitSpec(**{**settings.cameras.__dict__, "width": settings.render_size, "height": settings.render_size})
+        self.cameras = (rig or settings.cameras).resized(settings.render_size, settings.render_size)
         self.step = 0
         self.log = MetricsLog()
 

@@ -7,7 +7,7 @@ A rig is either a sampling spec (:class:`OrbitSpec`) or a list of explicit camer
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,12 +80,46 @@ class OrbitSpec:
             cams.append(Camera(look_at(orbit_position(el, az, dist)), fov, self.width, self.height, az))
         return cams
 
+    def resized(self, width: int, height: int) -> "OrbitSpec":
+        return replace(self, width=width, height=height)
+
     def turntable(self, n: int, elevation: float = 15.0) -> list[Camera]:
         """n evenly spaced views around the object, for previews and evaluation (appendix F.2)."""
         dist = sum(self.distance) / 2
         fov = sum(self.fov_y) / 2
         return [Camera(look_at(orbit_position(elevation, 360.0 * i / n, dist)), fov, self.width, self.height, 360.0 * i / n)
                 for i in range(n)]
+
+
+@dataclass(frozen=True)
+class CameraList:
+    """The artist's own cameras (the other kind of rig): each step samples among them."""
+
+    cameras: tuple[Camera, ...]
+
+    def sample(self, n: int, generator: torch.Generator) -> list[Camera]:
+        idx = torch.randint(len(self.cameras), (n,), generator=generator)
+        return [self.cameras[i] for i in idx.tolist()]
+
+    def resized(self, width: int, height: int) -> "CameraList":
+        return CameraList(tuple(replace(c, width=width, height=height) for c in self.cameras))
+
+
+def rig_from_spec(rig: dict | None, centre=(0.0, 0.0, 0.0), scale: float = 1.0) -> "OrbitSpec | CameraList | None":
+    """A spec's camera rig (validated by protocol.specs) in the unit optimisation frame.
+    ``{"orbit": {...ranges...}}`` is already in unit-object units; ``{"matrices": [...], "fov_y": [...]}``
+    are camera-to-world matrices in the input's own frame, moved by ``(p - centre) / scale``."""
+    if rig is None:
+        return None
+    if "orbit" in rig:
+        return OrbitSpec(**{k: tuple(v) for k, v in rig["orbit"].items()})
+    cams = []
+    for matrix, fov in zip(rig["matrices"], rig["fov_y"]):
+        c2w = torch.tensor(matrix, dtype=torch.float32).view(4, 4)
+        c2w[:3, 3] = (c2w[:3, 3] - torch.tensor(centre, dtype=torch.float32)) / scale
+        x, z = float(c2w[0, 3]), float(c2w[2, 3])
+        cams.append(Camera(c2w, float(fov), 64, 64, math.degrees(math.atan2(x, z))))
+    return CameraList(tuple(cams))
 
 
 def view_suffix(azimuth: float | None) -> str:

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import zmq
 
 from protocol.errors import InvalidInputError, Psd3dError
-from protocol.messages import REQUESTS, error, ok, spec_from_body
+from protocol.messages import REQUESTS, error, ok, png_variant, spec_from_body, wants_png
 from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 from backend.jobs.store import JobStore
 from backend.server.executor import LocalExecutor
@@ -74,6 +74,8 @@ class Server:
         self.latest: dict[tuple[str, str], Message] = {}  # (job, kind) -> latest snapshot
         self.dropped = 0
         self._tokenizers: dict = {}
+        self.encodings: dict[bytes, str] = {}  # peer -> "raw" | "png" | "auto" for image snapshots
+        self._png_cache: dict[int, Message] = {}
         self._stop = threading.Event()
 
     # -- sending ---------------------------------------------------------------------------
@@ -89,6 +91,15 @@ class Server:
             for peers in self.subscribers.values():
                 peers.discard(peer)
             return False
+
+    def _send_event(self, peer: bytes, message: Message) -> bool:
+        """Send an event in the encoding the peer asked for (PNG images are encoded once per event)."""
+        if wants_png(self.encodings.get(peer, "auto"), message):
+            key = id(message)
+            if key not in self._png_cache:
+                self._png_cache[key] = png_variant(message)
+            message = self._png_cache[key]
+        return self._send(peer, message)
 
     # -- requests ----------------------------------------------------------------------------
     def handle(self, peer: bytes, frames: list) -> None:
@@ -144,6 +155,10 @@ class Server:
             if models.build_tiny:
                 ensure_tiny_models()
             self._tokenizers[spec.preset] = load_tokenizer(models.prior)
+        for name in ("mesh", "init_mesh", "negative_embedding"):  # files must exist on this machine
+            value = getattr(spec, name, None)
+            if value and not Path(value).is_file():
+                raise InvalidInputError(f"{name}: no file at {value} on the backend's machine", field=name)
         tokenizer = self._tokenizers[spec.preset]
         check_prompt_tokens(tokenizer, spec.prompt, "prompt")
         if spec.negative_prompt:
@@ -172,14 +187,18 @@ class Server:
         after = msg.body.get("after", 0)
         if not isinstance(after, int) or after < 0:
             raise ProtocolError("after: must be a non-negative integer (the last sequence number seen)", field="after")
+        encoding = msg.body.get("texture_encoding", "auto")
+        if encoding not in ("raw", "png", "auto"):
+            raise ProtocolError("texture_encoding: must be raw, png or auto", field="texture_encoding")
         row = self.store.get(job)
+        self.encodings[peer] = encoding
         self.subscribers.setdefault(job, set()).add(peer)
         self._send(peer, ok(msg, {"job": job, "state": row.state}))
         for body in self.store.events_after(job, after):  # replay what the client missed
             self._send(peer, Message("event", "", body))
         for (j, _), snap in self.latest.items():
             if j == job:
-                self._send(peer, snap)
+                self._send_event(peer, snap)
         return None
 
     def on_result(self, peer, msg):
@@ -202,7 +221,8 @@ class Server:
             if message.body.get("kind") in ("image", "texture", "mesh"):
                 self.latest[(job, message.body["kind"])] = message
             for peer in list(self.subscribers.get(job, ())):
-                self._send(peer, message)
+                self._send_event(peer, message)
+            self._png_cache.clear()
 
     def serve_forever(self, poll_ms: int = 50) -> None:
         self.executor.start()
