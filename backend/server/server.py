@@ -194,11 +194,11 @@ class Server:
         self.encodings[peer] = encoding
         self.subscribers.setdefault(job, set()).add(peer)
         self._send(peer, ok(msg, {"job": job, "state": row.state}))
-        for body in self.store.events_after(job, after):  # replay what the client missed
-            self._send(peer, Message("event", "", body))
-        for (j, _), snap in self.latest.items():
+        for (j, _), snap in self.latest.items():  # the latest snapshots first: "done" ends a client's watch
             if j == job:
                 self._send_event(peer, snap)
+        for body in self.store.events_after(job, after):  # then replay what the client missed
+            self._send(peer, Message("event", "", body))
         return None
 
     def on_result(self, peer, msg):
