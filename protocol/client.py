@@ -69,10 +69,11 @@ class Client:
         self.close()
 
     # -- request / reply -------------------------------------------------------------------------
-    def request(self, kind: str, body: dict | None = None, timeout: float | None = None) -> Message:
+    def request(self, kind: str, body: dict | None = None, timeout: float | None = None,
+                arrays: dict | None = None) -> Message:
         """Send one request and return its "ok" reply; raise ServerError on an error reply."""
         rid = str(next(self._ids))
-        self.socket.send_multipart(encode(Message(kind, rid, body or {})), copy=False)
+        self.socket.send_multipart(encode(Message(kind, rid, body or {}, arrays or {})), copy=False)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
@@ -90,11 +91,14 @@ class Client:
     def hello(self) -> dict:
         return self.request("hello").body
 
-    def submit(self, pipeline: str, spec: dict, prompts: list[str] | None = None) -> list[str]:
+    def submit(self, pipeline: str, spec: dict, prompts: list[str] | None = None, mesh: dict | None = None) -> list[str]:
+        """Queue a job (or a batch, one job per prompt). ``mesh``: arrays of a mesh to upload —
+        positions (V,3) float32, faces (F,3) int32, optional uvs (F,3,2) float32 and texture
+        (H,W,4) uint8 — for refine (the mesh to texture) or generate (the block-out)."""
         body = {"pipeline": pipeline, "spec": spec}
         if prompts is not None:
             body["prompts"] = prompts
-        return self.request("submit", body).body["jobs"]
+        return self.request("submit", body, arrays=mesh, timeout=max(self.timeout, 60) if mesh else None).body["jobs"]
 
     def status(self, job: str) -> dict:
         return self.request("status", {"job": job}).body

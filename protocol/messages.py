@@ -73,6 +73,41 @@ def event_to_message(job_id: str, seq: int, event) -> Message:
     return Message("event", "", body, arrays)
 
 
+MAX_VERTICES = 2_000_000
+MAX_FACES = 2_000_000
+MAX_TEXTURE_SIDE = 8192
+MESH_ARRAYS = ("positions", "faces", "uvs", "texture")
+
+
+def check_mesh_arrays(arrays: dict) -> None:
+    """An uploaded mesh (submit arrays): positions (V,3) float32, faces (F,3) int32 in [0, V),
+    optional per-corner uvs (F,3,2) float32 and texture (H,W,4) uint8 — checked against the limits."""
+    def need(cond: bool, name: str, reason: str) -> None:
+        if not cond:
+            raise ProtocolError(f"arrays.{name}: {reason}", field=f"arrays.{name}")
+
+    for name in arrays:
+        need(name in MESH_ARRAYS, name, f"not a mesh array ({', '.join(MESH_ARRAYS)})")
+    need("positions" in arrays and "faces" in arrays, "positions", "an uploaded mesh needs positions and faces")
+    pos, faces = arrays["positions"], arrays["faces"]
+    need(pos.dtype == np.float32 and pos.ndim == 2 and pos.shape[1] == 3 and 0 < pos.shape[0] <= MAX_VERTICES,
+         "positions", f"must be (V,3) float32 with 0 < V <= {MAX_VERTICES}, got {pos.shape} {pos.dtype}")
+    need(bool(np.isfinite(pos).all()), "positions", "contain NaN or inf")
+    need(faces.dtype == np.int32 and faces.ndim == 2 and faces.shape[1] == 3 and 0 < faces.shape[0] <= MAX_FACES,
+         "faces", f"must be (F,3) int32 with 0 < F <= {MAX_FACES}, got {faces.shape} {faces.dtype}")
+    need(int(faces.min()) >= 0 and int(faces.max()) < pos.shape[0], "faces", f"indices must lie in [0, {pos.shape[0]})")
+    if "uvs" in arrays:
+        uvs = arrays["uvs"]
+        need(uvs.dtype == np.float32 and uvs.shape == (faces.shape[0], 3, 2) and bool(np.isfinite(uvs).all()),
+             "uvs", f"must be finite (F,3,2) float32 per corner, got {uvs.shape} {uvs.dtype}")
+    if "texture" in arrays:
+        tex = arrays["texture"]
+        need(tex.dtype == np.uint8 and tex.ndim == 3 and tex.shape[2] == 4 and 0 < min(tex.shape[:2])
+             and max(tex.shape[:2]) <= MAX_TEXTURE_SIDE, "texture",
+             f"must be (H,W,4) uint8 RGBA up to {MAX_TEXTURE_SIDE} px, got {tex.shape} {tex.dtype}")
+        need("uvs" in arrays, "texture", "a texture needs per-corner uvs")
+
+
 PNG_AUTO_BYTES = 256 << 10  # "auto": images larger than this travel as PNG
 
 

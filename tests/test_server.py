@@ -247,3 +247,22 @@ def test_prune_removes_finished_jobs_and_their_folders(tmp_path):
     assert store.prune(0) == [done]
     assert not store.folder(done).exists() and store.folder(queued).exists()
     assert [r.id for r in store.list()] == [queued]
+
+
+def test_refine_an_uploaded_mesh(server):
+    from backend.geometry.primitives import uv_sphere
+
+    v, f, uv = uv_sphere(12, 6, radius=0.4)
+    tex = np.full((16, 16, 4), 90, np.uint8)
+    mesh = {"positions": (v.numpy() + 5).astype(np.float32), "faces": f.numpy().astype(np.int32),
+            "uvs": uv.numpy().astype(np.float32), "texture": tex}
+    with Client(server.endpoint, timeout=30) as client:
+        (job,) = client.submit("refine", {"prompt": "a ball", "steps": 2}, mesh=mesh)
+        last = list(client.watch(job))[-1][1]
+        assert isinstance(last, Done), last
+        with pytest.raises(ServerError) as err:
+            client.submit("refine", {"prompt": "a ball"}, mesh={**mesh, "faces": mesh["faces"] + 1000})
+        assert err.value.field == "arrays.faces"
+        with pytest.raises(ServerError) as err:
+            client.submit("refine", {"prompt": "a ball"}, mesh={**mesh, "texture": np.zeros((4, 4, 3), np.uint8)})
+        assert err.value.field == "arrays.texture"

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import zmq
 
 from protocol.errors import InvalidInputError, Psd3dError
-from protocol.messages import REQUESTS, error, ok, png_variant, spec_from_body, wants_png
+from protocol.messages import REQUESTS, check_mesh_arrays, error, ok, png_variant, spec_from_body, wants_png
 from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 from backend.jobs.store import JobStore
 from backend.server.executor import LocalExecutor
@@ -130,6 +131,8 @@ class Server:
         body = msg.body
         prompts = body.get("prompts")
         spec_fields = body.get("spec", {})
+        if msg.arrays:  # an uploaded mesh: the artist's selection (refine) or block-out (generate)
+            spec_fields = self._store_upload(body.get("pipeline"), spec_fields, msg.arrays)
         if prompts is not None:  # batch: one job per prompt, one batch id
             if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
                 raise ProtocolError("prompts: must be a non-empty list of strings", field="prompts")
@@ -143,6 +146,23 @@ class Server:
         ids = [self.store.create(body["pipeline"], spec.to_dict(), batch) for spec in specs]
         self.executor.notify()
         return ok(msg, {"jobs": ids, "batch": batch})
+
+    def _store_upload(self, pipeline, spec_fields, arrays) -> dict:
+        """Check an uploaded mesh, write it as a GLB under the data folder, and point the spec at it."""
+        import uuid
+
+        import torch
+
+        from backend.geometry.mesh import Mesh, save_glb
+
+        if pipeline not in ("refine", "generate") or not isinstance(spec_fields, dict):
+            raise ProtocolError("arrays: only refine and generate take an uploaded mesh", field="arrays")
+        check_mesh_arrays(arrays)
+        mesh = Mesh(torch.from_numpy(arrays["positions"].copy()), torch.from_numpy(arrays["faces"].astype(np.int64)),
+                    torch.from_numpy(arrays["uvs"].copy()) if "uvs" in arrays else None,
+                    arrays["texture"].copy() if "texture" in arrays else None)
+        path = save_glb(mesh, self.store.root / "uploads" / f"{uuid.uuid4().hex}.glb")
+        return {**spec_fields, ("mesh" if pipeline == "refine" else "init_mesh"): str(path)}
 
     def _check_tokens(self, spec) -> None:
         """Prompt lengths by the preset's own tokenizer (loaded once per preset, without the models)."""
