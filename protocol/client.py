@@ -51,6 +51,8 @@ class Client:
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # ZMTP pings: a dead server is noticed by libzmq too
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         if self.curve is not None:
             public, secret = zmq.auth.load_certificate(self.curve[0])
             server_key, _ = zmq.auth.load_certificate(self.curve[1])

@@ -27,6 +27,7 @@ from backend.jobs.store import JobStore
 from backend.server.executor import LocalExecutor
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
+HEARTBEAT_MS = 2000
 SEND_HWM = 1000  # messages queued per peer before sends to it are dropped
 MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
 RESULT_FILES = ("out.glb", "preview.png", "image.png", "metrics.json", "reward_curve.png", "negative_embedding.pt")
@@ -67,6 +68,10 @@ class Server:
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.socket.setsockopt(zmq.LINGER, 0)
+        # ZMTP heartbeats: libzmq pings idle peers and drops dead ones, so sends to them fail fast
+        # (EHOSTUNREACH) and their subscriptions are forgotten
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.outbox: queue.Queue = queue.Queue()
