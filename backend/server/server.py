@@ -14,6 +14,7 @@ import ipaddress
 import queue
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -147,15 +148,13 @@ class Server:
         for spec in specs:  # validate everything before acknowledging anything
             spec.validate(self.presets)
             self._check_tokens(spec)
-        batch = __import__("uuid").uuid4().hex if prompts is not None else None
+        batch = uuid.uuid4().hex if prompts is not None else None
         ids = [self.store.create(body["pipeline"], spec.to_dict(), batch) for spec in specs]
         self.executor.notify()
         return ok(msg, {"jobs": ids, "batch": batch})
 
     def _store_upload(self, pipeline, spec_fields, arrays) -> dict:
         """Check an uploaded mesh, write it as a GLB under the data folder, and point the spec at it."""
-        import uuid
-
         import torch
 
         from backend.geometry.mesh import Mesh, save_glb
