@@ -90,14 +90,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _spec_fields(args: argparse.Namespace) -> dict:
+    """The flags as spec fields. For a server, ``--negative-embedding`` names a finished job (its id)."""
     keys = ("prompt", "method", "reward", "preset", "steps", "seed", "negative_prompt", "negative_embedding",
             "guidance_scale", "reward_scale", "interval")
-    fields = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "mesh", None):
-        fields["mesh"] = str(Path(args.mesh).resolve())
-    if getattr(args, "init_mesh", None):
-        fields["init_mesh"] = str(Path(args.init_mesh).resolve())
-    return fields
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _mesh_upload(args: argparse.Namespace) -> dict | None:
+    """The --mesh / --init-mesh file read here and sent as arrays (the server never reads client paths)."""
+    import numpy as np
+
+    from backend.geometry.mesh import load_mesh
+
+    path = getattr(args, "mesh", None) or getattr(args, "init_mesh", None)
+    if not path:
+        return None
+    mesh = load_mesh(path, "mesh" if getattr(args, "mesh", None) else "init_mesh")
+    arrays = {"positions": mesh.positions.numpy().astype(np.float32), "faces": mesh.faces.numpy().astype(np.int32)}
+    if mesh.uvs is not None:
+        arrays["uvs"] = mesh.uvs.numpy().astype(np.float32)
+        if mesh.texture is not None:
+            arrays["texture"] = mesh.texture
+    return arrays
 
 
 def _client(args: argparse.Namespace):
@@ -134,7 +148,7 @@ def _submit(args: argparse.Namespace) -> int:
     if prompts is not None:
         fields.pop("prompt", None)
     with _client(args) as client:
-        jobs = client.submit(args.pipeline, fields, prompts)
+        jobs = client.submit(args.pipeline, fields, prompts, mesh=_mesh_upload(args))
         for job in jobs:
             print(job)
         if args.watch and len(jobs) == 1:
@@ -158,7 +172,7 @@ def _status(args: argparse.Namespace) -> int:
         if args.job:
             print(json.dumps(client.status(args.job), indent=1))
         else:
-            for row in client.request("list").body["jobs"]:
+            for row in client.request("list", {"batch": args.batch} if args.batch else {}).body["jobs"]:
                 print(f"{row['id']}  {row['state']:9s} {row['pipeline']:8s} {row['step']}/{row['total']}  "
                       f"{row['spec'].get('prompt', '')[:60]}")
     return 0
@@ -271,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(run=fn)
     st = sub.add_parser("status", help="one job's state, or all jobs")
     st.add_argument("job", nargs="?")
+    st.add_argument("--batch", default=None, help="only the jobs of this batch")
     server_arg(st)
     st.set_defaults(run=_status)
     rs = sub.add_parser("result", help="download a finished job's files")

@@ -120,3 +120,25 @@ class GenerateSpec(JobSpec):
             check_camera_rig(self.cameras)
         if self.init_mesh is not None:
             require(isinstance(self.init_mesh, str) and self.init_mesh.strip() != "", "init_mesh", "must name a mesh file")
+
+
+MAX_BATCH = 1000
+
+
+@dataclass(kw_only=True)
+class BatchSpec:
+    """Many prompts, one job each, followed together by one batch id (filling an asset library).
+    The per-job fields other than the prompt travel as that pipeline's spec."""
+
+    prompts: list
+    pipeline: str = "generate"
+
+    def validate(self) -> None:
+        require(isinstance(self.prompts, list) and 0 < len(self.prompts) <= MAX_BATCH, "prompts",
+                f"must be a list of 1..{MAX_BATCH} prompts")
+        for i, p in enumerate(self.prompts):
+            require(isinstance(p, str) and p.strip() != "", f"prompts[{i}]", "must be a non-empty string")
+        require_choice(self.pipeline, ("image2d", "generate"), "pipeline")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -72,6 +72,9 @@ def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
         with pytest.raises(ServerError) as err:
             client.submit("refine", {"prompt": "a cat", "mesh": "/nonexistent/cat.glb"})
         assert err.value.field == "mesh"
+        with pytest.raises(ServerError) as err:  # no path outside the data folder, even an existing one
+            client.submit("image2d", {"prompt": "a cat", "negative_embedding": "/etc/hostname"})
+        assert err.value.field == "negative_embedding"
         with pytest.raises(ServerError) as err:
             client.submit("sculpt", {"prompt": "a cat"})
         assert err.value.field == "pipeline"
@@ -158,14 +161,17 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tin
     v, f, uv = uv_sphere(16, 8, radius=0.4)
     tex = np.full((16, 16, 4), 180, np.uint8)
     save_glb(Mesh(v, f.long(), uv, tex), tmp_path / "ball.glb")
-    spec = {"mesh": str(tmp_path / "ball.glb"), "prompt": "a leather ball", "steps": 8, "seed": 5}
-    reference = list(run_refine(RefineSpec(**spec), tmp_path / "reference", models=tiny))[-1]
+    spec = {"prompt": "a leather ball", "steps": 8, "seed": 5}
+    reference = list(run_refine(RefineSpec(mesh=str(tmp_path / "ball.glb"), **spec), tmp_path / "reference", models=tiny))[-1]
+    ball = load_mesh(tmp_path / "ball.glb")
+    upload = {"positions": ball.positions.numpy(), "faces": ball.faces.numpy().astype(np.int32),
+              "uvs": ball.uvs.numpy(), "texture": ball.texture}
     assert isinstance(reference, Done)
     env = dict(os.environ, PSD3D_HOME=psd3d_home, MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE")
     proc, endpoint = _start_serve(tmp_path / "data", env)
     try:
         with Client(endpoint, timeout=60) as client:
-            (job,) = client.submit("refine", spec)
+            (job,) = client.submit("refine", spec, mesh=upload)
             for _, event in client.watch(job):
                 if isinstance(event, Progress) and event.step >= 6:
                     break
@@ -260,9 +266,26 @@ def test_refine_an_uploaded_mesh(server):
         (job,) = client.submit("refine", {"prompt": "a ball", "steps": 2}, mesh=mesh)
         last = list(client.watch(job))[-1][1]
         assert isinstance(last, Done), last
+        # the learned n of that job, named by its id, seeds another job
+        (second,) = client.submit("image2d", {"prompt": "a ball", "steps": 1, "negative_embedding": job})
+        assert isinstance(list(client.watch(second))[-1][1], Done)
         with pytest.raises(ServerError) as err:
             client.submit("refine", {"prompt": "a ball"}, mesh={**mesh, "faces": mesh["faces"] + 1000})
         assert err.value.field == "arrays.faces"
         with pytest.raises(ServerError) as err:
             client.submit("refine", {"prompt": "a ball"}, mesh={**mesh, "texture": np.zeros((4, 4, 3), np.uint8)})
         assert err.value.field == "arrays.texture"
+
+
+def test_a_batch_becomes_one_job_per_prompt(server):
+    with Client(server.endpoint) as client:
+        reply = client.request("submit", {"pipeline": "image2d", "spec": {"steps": 1}, "prompts": ["a cup", "a hat", "a key"]})
+        jobs, batch = reply.body["jobs"], reply.body["batch"]
+        assert len(jobs) == 3 and batch
+        for job in jobs:
+            assert isinstance(list(client.watch(job))[-1][1], Done)
+        listed = client.request("list", {"batch": batch}).body["jobs"]
+        assert sorted(r["id"] for r in listed) == sorted(jobs) and {r["spec"]["prompt"] for r in listed} == {"a cup", "a hat", "a key"}
+        with pytest.raises(ServerError) as err:
+            client.request("submit", {"pipeline": "image2d", "spec": {}, "prompts": ["a cup", ""]})
+        assert err.value.field == "prompts[1]"

@@ -49,7 +49,7 @@ class JobRow:
 
 class JobStore:
     def __init__(self, data_dir: str | Path) -> None:
-        self.root = Path(data_dir)
+        self.root = Path(data_dir).resolve()
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
@@ -65,6 +65,10 @@ class JobStore:
         """)
 
     # -- paths ---------------------------------------------------------------------------
+    @staticmethod
+    def is_job_id(value) -> bool:
+        return isinstance(value, str) and bool(JOB_ID.match(value))
+
     def folder(self, job_id: str) -> Path:
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             raise InvalidInputError(f"job: {job_id!r} is not a job id (32 hex characters)", field="job")

@@ -132,8 +132,8 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     yield from geometry.run(geo_steps, should_stop)
     geometry.save_checkpoint()  # a resumed job skips the finished geometry stage
     unwrapped = out / "checkpoints" / "unwrapped.pt"
-    if resume and unwrapped.is_file():  # xatlas is not deterministic across runs: reuse the saved layout
-        saved = torch.load(unwrapped, weights_only=True)
+    saved = torch.load(unwrapped, weights_only=True) if resume and unwrapped.is_file() else None
+    if saved is not None and int(saved["geometry_step"]) == geometry.step:  # the layout of this very geometry
         world = Mesh(saved["positions"], saved["faces"], saved["uvs"])
     else:
         with torch.no_grad():
@@ -141,11 +141,13 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
         world = Mesh(torch.from_numpy(to_world(verts.cpu().numpy().astype(np.float64)).astype(np.float32)), faces.cpu())
         world, report = unwrap(world)
         atomic_write_json(out / "unwrap.json", report.__dict__)
-        atomic_torch_save({"positions": world.positions, "faces": world.faces, "uvs": world.uvs}, unwrapped)
+        atomic_torch_save({"positions": world.positions, "faces": world.faces, "uvs": world.uvs,
+                           "geometry_step": torch.tensor(geometry.step)}, unwrapped)
     unit = Mesh(torch.from_numpy(norm.to_unit(world.positions.numpy().astype(np.float64)).astype(np.float32)),
                 world.faces, world.uvs)
     rig = rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale)
-    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig)
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig,
+                         checkpoint_tag=geometry.step)
     if resume:
         stage.load_checkpoint()
     stage.log.final["warnings"] = warnings

@@ -56,9 +56,13 @@ class TextureStage:
     CHECKPOINT = "checkpoints/texture.pt"
 
     def __init__(self, models: LoadedModels, mesh: Mesh, prompt: str, negative_init: torch.Tensor,
-                 settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path, rig=None) -> None:
+                 settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path, rig=None,
+                 checkpoint_tag: int = 0) -> None:
         """``mesh`` in the unit optimisation frame with per-corner UVs; its texture (if any) is the start.
-        ``rig`` (an OrbitSpec or CameraList in the unit frame) replaces the preset's cameras."""
+        ``rig`` (an OrbitSpec or CameraList in the unit frame) replaces the preset's cameras;
+        ``checkpoint_tag`` names the mesh a checkpoint belongs to (generate: the geometry step), so a
+        checkpoint made for another mesh is never loaded."""
+        self.checkpoint_tag = checkpoint_tag
         self.models, self.mesh, self.settings, self.out = models, mesh, settings, out_dir
         prior = models.prior
         self.device = prior.device
@@ -96,6 +100,7 @@ class TextureStage:
                          "updates": self.negative.updates},
             "generator": self.generator.get_state(),
             "metrics": self.log.steps,
+            "tag": self.checkpoint_tag,
         }, self.out / self.CHECKPOINT)
 
     def load_checkpoint(self) -> bool:
@@ -103,6 +108,8 @@ class TextureStage:
         if not path.is_file():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("tag", 0) != self.checkpoint_tag:
+            return False
         self.texture.load_state_dict(state["texture"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.negative.value.data.copy_(state["negative"]["value"])

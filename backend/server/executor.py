@@ -24,6 +24,27 @@ def run_pipeline(pipeline: str, spec, folder, should_stop: Callable[[], bool], r
     return run(spec, folder, should_stop=should_stop, resume=resume)
 
 
+def save_latest(folder, event) -> None:
+    """Keep the latest snapshot in the job folder (latest_mesh.npz, latest_texture.png, latest_image.png)."""
+    import io
+
+    import numpy as np
+
+    from backend.files import atomic_write_bytes
+    from protocol.png import encode_png
+
+    if isinstance(event, MeshSnapshot):
+        buf = io.BytesIO()
+        arrays = {"positions": event.positions, "faces": event.faces, "topology_id": np.int64(event.topology_id)}
+        if event.uvs is not None:
+            arrays["uvs"] = event.uvs
+        np.savez(buf, **arrays)
+        atomic_write_bytes(folder / "latest_mesh.npz", buf.getvalue())
+    else:
+        name = "latest_texture.png" if isinstance(event, TextureSnapshot) else "latest_image.png"
+        atomic_write_bytes(folder / name, encode_png(np.ascontiguousarray(event.image)))
+
+
 class LocalExecutor:
     """Runs jobs from the store; publishes (job id, Message) pairs on ``outbox`` for the server."""
 
@@ -88,6 +109,7 @@ class LocalExecutor:
                     break  # a cancelled or shut-down job's partial result is not its result
                 if isinstance(event, (ImageSnapshot, TextureSnapshot, MeshSnapshot)):
                     self._publish(job_id, snapshot_seq, event)  # coalescing: carries the last exactly-once seq
+                    save_latest(self.store.folder(job_id), event)
                     continue
                 if isinstance(event, Progress):
                     self.store.set_progress(job_id, event.step, event.total)

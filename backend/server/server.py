@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from protocol.errors import InvalidInputError, Psd3dError
+from protocol.specs import BatchSpec
 from protocol.messages import REQUESTS, check_mesh_arrays, error, ok, png_variant, spec_from_body, wants_png
 from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 from backend.jobs.store import JobStore
@@ -140,12 +141,16 @@ class Server:
         if msg.arrays:  # an uploaded mesh: the artist's selection (refine) or block-out (generate)
             spec_fields = self._store_upload(body.get("pipeline"), spec_fields, msg.arrays)
         if prompts is not None:  # batch: one job per prompt, one batch id
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise ProtocolError("prompts: must be a non-empty list of strings", field="prompts")
+            BatchSpec(prompts=prompts, pipeline=body.get("pipeline")).validate()
+            if not isinstance(spec_fields, dict):
+                raise ProtocolError("spec: must be a map of the pipeline's fields", field="spec")
             specs = [spec_from_body(body.get("pipeline"), {**spec_fields, "prompt": p}) for p in prompts]
         else:
             specs = [spec_from_body(body.get("pipeline"), spec_fields)]
         for spec in specs:  # validate everything before acknowledging anything
+            ne = getattr(spec, "negative_embedding", None)
+            if ne and self.store.is_job_id(ne):  # a finished job's learned n, by id
+                spec.negative_embedding = str(self.store.folder(ne) / "negative_embedding.pt")
             spec.validate(self.presets)
             self._check_tokens(spec)
         batch = uuid.uuid4().hex if prompts is not None else None
@@ -179,10 +184,14 @@ class Server:
             if models.build_tiny:
                 ensure_tiny_models()
             self._tokenizers[spec.preset] = load_tokenizer(models.prior)
-        for name in ("mesh", "init_mesh", "negative_embedding"):  # files must exist on this machine
+        for name in ("mesh", "init_mesh", "negative_embedding"):  # only files inside the data folder
             value = getattr(spec, name, None)
-            if value and not Path(value).is_file():
-                raise InvalidInputError(f"{name}: no file at {value} on the backend's machine", field=name)
+            if value:
+                path = Path(value).resolve()
+                if not path.is_relative_to(self.store.root.resolve()) or not path.is_file():
+                    raise InvalidInputError(f"{name}: {value} is not a file in the server's data folder; upload the "
+                                            f"mesh with the submit, or name a finished job for a negative embedding",
+                                            field=name)
         tokenizer = self._tokenizers[spec.preset]
         check_prompt_tokens(tokenizer, spec.prompt, "prompt")
         if spec.negative_prompt:
@@ -192,7 +201,8 @@ class Server:
         return ok(msg, self.store.get(msg.body.get("job")).to_dict())
 
     def on_list(self, peer, msg):
-        return ok(msg, {"jobs": [r.to_dict() for r in self.store.list()]})
+        batch = msg.body.get("batch")  # follow one batch together
+        return ok(msg, {"jobs": [r.to_dict() for r in self.store.list() if batch is None or r.batch == batch]})
 
     def on_cancel(self, peer, msg):
         row = self.store.get(msg.body.get("job"))
