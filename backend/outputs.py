@@ -26,6 +26,23 @@ def _clean(value):
     return value
 
 
+def config_to_json(config) -> dict:
+    """A dataclass config as JSON-safe values (enums by value): saved with every job."""
+    from dataclasses import asdict
+    from enum import Enum
+
+    def conv(v):
+        if isinstance(v, Enum):
+            return v.value
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(asdict(config))
+
+
 def mean_or_none(value) -> float | None:
     if value is None:
         return None

@@ -19,7 +19,7 @@ from protocol.specs import Image2dSpec
 from backend.files import atomic_write_json
 from backend.pipelines.common import internal_failure
 from backend.models import LoadedModels, load_models
-from backend.outputs import MetricsLog, plot_reward_curve, save_png, to_rgba8
+from backend.outputs import MetricsLog, config_to_json, plot_reward_curve, save_png, to_rgba8
 from backend.presets import PRESETS, get_preset, with_overrides
 from backend.psd.distill import Method, ScoreDistiller
 from backend.psd.guidance import distillation_loss
@@ -75,7 +75,7 @@ def _run(spec: Image2dSpec, out: Path, models: LoadedModels | None, should_stop)
     log = MetricsLog()
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.txt").unlink(missing_ok=True)
-    atomic_write_json(out / "spec.json", {"spec": spec.to_dict(), "steps": steps, "guidance": _describe(guidance)})
+    atomic_write_json(out / "spec.json", {"spec": spec.to_dict(), "steps": steps, "guidance": config_to_json(guidance)})
 
     # 4. the loop (Alg. 2 lines 4-13)
     done_steps = 0
@@ -118,19 +118,3 @@ def _run(spec: Image2dSpec, out: Path, models: LoadedModels | None, should_stop)
     negative.save(outputs["negative_embedding"])
     yield Done({k: str(v) for k, v in outputs.items()}, log.to_dict()["final"])
 
-
-def _describe(config) -> dict:
-    """A dataclass config as JSON-safe values (enums by value), saved with every job."""
-    from dataclasses import asdict
-    from enum import Enum
-
-    def conv(v):
-        if isinstance(v, Enum):
-            return v.value
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(asdict(config))

@@ -26,7 +26,7 @@ from backend.geometry.uv import unwrap
 from backend.models import LoadedModels, load_models
 from backend.pipelines.common import internal_failure
 from backend.pipelines.geometry_stage import GeometryStage, Primitive
-from backend.pipelines.image2d import _describe
+from backend.outputs import config_to_json
 from backend.pipelines.results import finish, mesh_snapshot_arrays
 from backend.pipelines.texture_stage import TextureStage
 from backend.presets import PRESETS, Preset, get_preset, with_overrides
@@ -93,7 +93,7 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     guidance = _texture_guidance(preset, spec)
     total = spec.steps or preset.texture.steps
     atomic_write_json(out / "spec.json", {"pipeline": "refine", "spec": spec.to_dict(), "texture_steps": total,
-                                          "guidance": _describe(guidance)})
+                                          "guidance": config_to_json(guidance)})
     rig = rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale)
     stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig)
     if resume:
@@ -124,7 +124,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     tex_steps = spec.steps or preset.texture.steps
     guidance = _texture_guidance(preset, spec)
     atomic_write_json(out / "spec.json", {"pipeline": "generate", "spec": spec.to_dict(), "geometry_steps": geo_steps,
-                                          "texture_steps": tex_steps, "guidance": _describe(guidance)})
+                                          "texture_steps": tex_steps, "guidance": config_to_json(guidance)})
     to_world = norm.to_world
     geometry = GeometryStage(models, spec.prompt, n0, sdf0, grid, geo, spec.seed, out, to_world)
     if resume:
