@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import queue
+from collections import OrderedDict
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from backend.server.executor import LocalExecutor
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
 HEARTBEAT_MS = 2000
+MAX_LATEST_SNAPSHOTS = 48  # snapshots kept in memory for resubscribing clients
 SEND_HWM = 1000  # messages queued per peer before sends to it are dropped
 MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
 RESULT_FILES = ("out.glb", "preview.png", "image.png", "metrics.json", "reward_curve.png", "negative_embedding.pt")
@@ -79,7 +81,9 @@ class Server:
         self.outbox: queue.Queue = queue.Queue()
         self.executor = LocalExecutor(self.store, self.outbox)
         self.subscribers: dict[str, set[bytes]] = {}
-        self.latest: dict[tuple[str, str], Message] = {}  # (job, kind) -> latest snapshot
+        # (job, kind) -> latest snapshot, least recently updated first; bounded so a long batch does not
+        # keep every job's texture in memory (the job folder keeps latest_* files on disk)
+        self.latest: OrderedDict[tuple[str, str], Message] = OrderedDict()
         self.dropped = 0
         self._tokenizers: dict = {}
         self.encodings: dict[bytes, str] = {}  # peer -> "raw" | "png" | "auto" for image snapshots
@@ -253,7 +257,11 @@ class Server:
             except queue.Empty:
                 return
             if message.body.get("kind") in ("image", "texture", "mesh"):
-                self.latest[(job, message.body["kind"])] = message
+                key = (job, message.body["kind"])
+                self.latest[key] = message
+                self.latest.move_to_end(key)
+                while len(self.latest) > MAX_LATEST_SNAPSHOTS:
+                    self.latest.popitem(last=False)
             for peer in list(self.subscribers.get(job, ())):
                 self._send_event(peer, message)
             self._png_cache.clear()
