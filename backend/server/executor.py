@@ -45,6 +45,26 @@ def save_latest(folder, event) -> None:
         atomic_write_bytes(folder / name, encode_png(np.ascontiguousarray(event.image)))
 
 
+def load_latest(job_id: str, folder, seq: int, step: int) -> dict:
+    """The snapshots ``save_latest`` kept, as event messages by kind (for a client resubscribing after a
+    server restart). ``seq``: the job's last exactly-once seq, which snapshots carry; ``step``: its last step."""
+    import numpy as np
+
+    from protocol.png import decode_png
+
+    found = {}
+    mesh_file = folder / "latest_mesh.npz"
+    if mesh_file.is_file():
+        with np.load(mesh_file) as z:
+            found["mesh"] = event_to_message(job_id, seq, MeshSnapshot(
+                step, z["positions"], z["faces"], z["uvs"] if "uvs" in z.files else None, int(z["topology_id"])))
+    for kind, cls in (("texture", TextureSnapshot), ("image", ImageSnapshot)):
+        png = folder / f"latest_{kind}.png"
+        if png.is_file():
+            found[kind] = event_to_message(job_id, seq, cls(step, decode_png(png.read_bytes())))
+    return found
+
+
 class LocalExecutor:
     """Runs jobs from the store; publishes (job id, Message) pairs on ``outbox`` for the server."""
 

@@ -27,7 +27,7 @@ from protocol.specs import BatchSpec
 from protocol.messages import REQUESTS, check_mesh_arrays, error, ok, png_variant, spec_from_body, wants_png
 from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 from backend.jobs.store import JobStore
-from backend.server.executor import LocalExecutor
+from backend.server.executor import LocalExecutor, load_latest
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
 HEARTBEAT_MS = 2000
@@ -130,7 +130,10 @@ class Server:
             self._send(peer, reply)
 
     def on_ping(self, peer, msg):
-        return ok(msg, {"time": time.time()})
+        # the jobs this peer is subscribed to: a client that finds one missing (a server restart, or a
+        # connection the server dropped) resubscribes it
+        held = [job for job, peers in self.subscribers.items() if peer in peers]
+        return ok(msg, {"time": time.time(), "subscribed": held})
 
     def on_hello(self, peer, msg):
         from protocol.specs import METHODS, REWARDS
@@ -232,12 +235,18 @@ class Server:
         self.encodings[peer] = encoding
         self.subscribers.setdefault(job, set()).add(peer)
         self._send(peer, ok(msg, {"job": job, "state": row.state}))
-        for (j, _), snap in self.latest.items():  # the latest snapshots first: "done" ends a client's watch
-            if j == job:
-                self._send_event(peer, snap)
+        for snap in self._latest_of(row):  # the latest snapshots first: "done" ends a client's watch
+            self._send_event(peer, snap)
         for body in self.store.events_after(job, after):  # then replay what the client missed
             self._send(peer, Message("event", "", body))
         return None
+
+    def _latest_of(self, row) -> list[Message]:
+        """The job's latest snapshots: from memory, else from its folder (after a restart or an eviction)."""
+        found = {kind: snap for (j, kind), snap in self.latest.items() if j == row.id}
+        if len(found) < 2:
+            found = {**load_latest(row.id, self.store.folder(row.id), self.store.last_seq(row.id), row.step), **found}
+        return [found[kind] for kind in ("mesh", "texture", "image") if kind in found]
 
     def on_result(self, peer, msg):
         import numpy as np

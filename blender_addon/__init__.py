@@ -1,0 +1,42 @@
+"""psd3d for Blender: a PSD panel that generates props, refines the selected mesh's texture and
+batch-fills an asset library, with the work shown live in the scene.
+
+``core/`` is bpy-free (frames, layouts, library files); ``blender/`` is the bpy layer. The add-on
+talks to ``psd3d serve`` only through ``protocol`` (bundled as a wheel) and never imports torch.
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.app.handlers import persistent
+
+from .blender import connection, operators, panel, prefs, props, pump
+
+CLASSES = (*props.CLASSES, *prefs.CLASSES, *operators.CLASSES, *panel.CLASSES)
+
+
+@persistent
+def _on_load(_dummy) -> None:
+    """A file was opened: its jobs (ids saved in the .blend) are followed again by the pump."""
+    operators.ensure_timer()
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    props.register_properties()
+    bpy.types.STATUSBAR_HT_header.append(panel.draw_status)
+    bpy.app.handlers.load_post.append(_on_load)
+    operators.ensure_timer()
+
+
+def unregister() -> None:
+    if bpy.app.timers.is_registered(pump.tick):
+        bpy.app.timers.unregister(pump.tick)
+    if _on_load in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_load)
+    bpy.types.STATUSBAR_HT_header.remove(panel.draw_status)
+    connection.shutdown()
+    props.unregister_properties()
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,107 @@
+"""The one backend session the add-on holds, what the backend offered (hello), and a local
+``psd3d serve`` started from the preferences. Module state, closed by ``shutdown`` on unregister."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import bpy
+
+from protocol.session import Session
+
+_session: Session | None = None
+_session_key: tuple | None = None
+_server: subprocess.Popen | None = None
+_offered: dict = {}  # the last hello reply
+_preset_items: list = []  # EnumProperty items must outlive the callback (a Blender requirement)
+DEFAULT_PRESETS = ("tiny", "sd21-draft", "sd21-paper")
+
+
+def addon_key() -> str:
+    return __package__.rsplit(".", 1)[0]  # the add-on's package (bl_ext.<repo>.psd3d or blender_addon)
+
+
+def prefs():
+    return bpy.context.preferences.addons[addon_key()].preferences
+
+
+def is_local(address: str) -> bool:
+    return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost", "tcp://[::1]"))
+
+
+def session() -> Session:
+    """The session for the address and keys in the preferences (made anew when they change)."""
+    global _session, _session_key
+    p = prefs()
+    curve = (bpy.path.abspath(p.client_key), bpy.path.abspath(p.server_key)) if p.use_curve else None
+    key = (p.address, curve)
+    if _session is None or _session.closed or key != _session_key:
+        if _session is not None:
+            _session.close()
+        _session = Session(p.address, curve=curve, texture_encoding="raw" if is_local(p.address) else "auto")
+        _session_key = key
+    return _session
+
+
+def current() -> Session | None:
+    return _session
+
+
+def offered() -> dict:
+    return _offered
+
+
+def set_offered(hello: dict) -> None:
+    _offered.clear()
+    _offered.update(hello)
+
+
+def preset_items():
+    names = tuple(_offered.get("presets") or DEFAULT_PRESETS)
+    if [item[0] for item in _preset_items] != list(names):
+        _preset_items[:] = [(n, n, f"Backend preset {n!r}") for n in names]
+    return _preset_items
+
+
+# -- a local backend --------------------------------------------------------------------------------
+def find_psd3d(configured: str) -> str | None:
+    if configured:
+        path = bpy.path.abspath(configured)
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which("psd3d")
+
+
+def start_server(executable: str, address: str, data_dir: str, log_path: Path) -> subprocess.Popen:
+    global _server
+    if _server is not None and _server.poll() is None:
+        return _server
+    log = open(log_path, "ab")
+    try:
+        _server = subprocess.Popen([executable, "serve", "--bind", address, "--data", data_dir],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+    return _server
+
+
+def server_process() -> subprocess.Popen | None:
+    return _server
+
+
+def shutdown() -> None:
+    """Close the socket and stop a server this add-on started (its jobs resume when it starts again)."""
+    global _session, _session_key, _server
+    if _session is not None:
+        _session.close()
+    _session = _session_key = None
+    if _server is not None and _server.poll() is None:
+        _server.terminate()
+        try:
+            _server.wait(10)
+        except subprocess.TimeoutExpired:
+            _server.kill()
+    _server = None
+    _offered.clear()

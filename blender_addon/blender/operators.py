@@ -1,0 +1,350 @@
+"""Operators: thin; they gather the settings as plain values, send one request without waiting
+for its reply, and report errors in Blender's info area."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import bpy
+import numpy as np
+
+from protocol.errors import Psd3dError
+
+from ..core import frames, library
+from . import connection, pump, scene
+
+HELLO_TIMEOUT = 5.0
+
+
+def spec_fields(s) -> dict:
+    """The scene settings as the fields every pipeline's spec takes (protocol/specs.py)."""
+    fields = {"prompt": s.prompt.strip(), "method": s.method, "reward": s.reward, "preset": s.preset, "seed": s.seed}
+    if s.steps > 0:
+        fields["steps"] = s.steps
+    if s.negative_prompt.strip():
+        fields["negative_prompt"] = s.negative_prompt.strip()
+    if s.use_negative_from and s.negative_from.strip():
+        fields["negative_embedding"] = s.negative_from.strip()
+    return fields
+
+
+def camera_rig(context, s, world_to_local: np.ndarray) -> dict:
+    """The spec's camera rig: orbit ranges, or the scene's cameras in the glTF frame of the object."""
+    if s.camera_mode == "ORBIT":
+        return {"orbit": {"elevation": list(s.elevation), "azimuth": list(s.azimuth),
+                          "distance": list(s.distance), "fov_y": list(s.fov)}}
+    cams = [o for o in context.scene.objects if o.type == "CAMERA"]
+    if not cams:
+        raise scene.SceneError("cameras: the scene has no camera objects; add some or use Orbit")
+    render = context.scene.render
+    w, h = render.resolution_x, render.resolution_y
+    matrices, fovs = [], []
+    for cam in cams:
+        m = frames.camera_to_gltf(np.array(cam.matrix_world), world_to_local)
+        matrices.append([float(v) for v in m.reshape(-1)])
+        fovs.append(frames.fov_y_degrees(cam.data.sensor_fit, cam.data.angle_x, cam.data.angle_y, w, h))
+    return {"matrices": matrices, "fov_y": fovs}
+
+
+def add_job(s, job: str, pipeline: str, prompt: str, location, batch: str = "", library_path: str = "",
+            index: int = 0):
+    item = s.jobs.add()
+    item.job_id, item.pipeline, item.prompt, item.method, item.seed = job, pipeline, prompt, s.method, s.seed
+    item.state, item.size, item.location = "queued", s.size, location
+    item.batch, item.library, item.index = batch, library_path, index
+    s.active_job = len(s.jobs) - 1
+    return item
+
+
+def submit(kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
+    """Send a submit; ``on_jobs(ids, batch)`` runs when the acknowledgement arrives (in the pump)."""
+    def ok(msg):
+        on_jobs(msg.body["jobs"], msg.body.get("batch"))
+
+    def failed(exc):
+        print(f"psd3d: {kind} refused: {exc}")
+        _report_later(f"psd3d: {kind} refused: {exc}")
+
+    connection.session().request("submit", body, arrays=arrays, on_reply=ok, on_error=failed,
+                                 timeout=60 if arrays else 15)
+    ensure_timer()
+
+
+_messages: list[str] = []  # errors that arrive in the pump, shown in the panel (a timer cannot report)
+
+
+def _report_later(text: str) -> None:
+    _messages.append(text)
+    del _messages[:-5]
+
+
+def messages() -> list[str]:
+    return _messages
+
+
+def ensure_timer() -> None:
+    if not bpy.app.timers.is_registered(pump.tick):
+        bpy.app.timers.register(pump.tick, first_interval=0.05, persistent=True)
+
+
+class _Op:
+    bl_options = {"REGISTER"}
+
+    def fail(self, exc: Exception) -> set:
+        self.report({"ERROR"}, str(exc))
+        return {"CANCELLED"}
+
+
+class PSD_OT_generate(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.generate"
+    bl_label = "Generate"
+    bl_description = "Make a textured prop from the prompt at the 3D cursor; it updates live while PSD runs"
+
+    def execute(self, context):
+        s = context.scene.psd3d
+        try:
+            fields = spec_fields(s)
+            if not fields["prompt"]:
+                raise scene.SceneError("prompt: is empty; describe the prop to make")
+            cursor = tuple(context.scene.cursor.location)
+            w2l = np.eye(4)  # the prop's frame: a translation to the cursor
+            w2l[:3, 3] = [-c for c in cursor]
+            fields["cameras"] = camera_rig(context, s, w2l)
+        except (scene.SceneError, Psd3dError) as exc:
+            return self.fail(exc)
+        scene_name = context.scene.name
+
+        def acknowledged(ids, _batch):
+            sc = bpy.data.scenes.get(scene_name)
+            if sc is None:
+                return
+            item = add_job(sc.psd3d, ids[0], "generate", fields["prompt"], cursor)
+            pump.ensure_object(sc, item)
+
+        submit("generate", {"pipeline": "generate", "spec": fields}, None, acknowledged)
+        self.report({"INFO"}, f"psd3d: generating {fields['prompt']!r}")
+        return {"FINISHED"}
+
+
+class PSD_OT_refine(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.refine"
+    bl_label = "Refine Selected"
+    bl_description = ("Re-texture the active mesh with PSD: its UVs are kept, its texture is the start, and the "
+                      "result goes into a new image on its material (Revert puts the original back)")
+
+    @classmethod
+    def poll(cls, context):
+        return context.active_object is not None and context.active_object.type == "MESH"
+
+    def execute(self, context):
+        s, obj = context.scene.psd3d, context.active_object
+        try:
+            fields = spec_fields(s)
+            if not fields["prompt"]:
+                raise scene.SceneError("prompt: is empty; describe the texture to make")
+            arrays = scene.mesh_arrays(obj, context.evaluated_depsgraph_get())
+            if "uvs" not in arrays:
+                raise scene.SceneError(f"{obj.name}: has no UV map; unwrap it first (UV > Smart UV Project)")
+            fields["cameras"] = camera_rig(context, s, np.array(obj.matrix_world.inverted()))
+        except (scene.SceneError, Psd3dError) as exc:
+            return self.fail(exc)
+        scene_name, obj_name = context.scene.name, obj.name
+        size = arrays["texture"].shape[1::-1] if "texture" in arrays else (1024, 1024)
+
+        def acknowledged(ids, _batch):
+            sc, target = bpy.data.scenes.get(scene_name), bpy.data.objects.get(obj_name)
+            if sc is None or target is None:
+                return
+            add_job(sc.psd3d, ids[0], "refine", fields["prompt"], tuple(target.location))
+            scene.attach_refine_image(target, ids[0], *size)
+            image = scene.job_image(ids[0])
+            if "texture" in arrays:  # start from the original, as the backend does
+                scene.apply_texture(image, arrays["texture"])
+
+        submit("refine", {"pipeline": "refine", "spec": fields}, arrays, acknowledged)
+        self.report({"INFO"}, f"psd3d: refining {obj.name} ({len(arrays['faces'])} triangles)")
+        return {"FINISHED"}
+
+
+class PSD_OT_batch(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.batch"
+    bl_label = "Batch"
+    bl_description = ("Generate one prop per prompt line (from a text block or a file); each finished prop becomes "
+                      "an asset in a library .blend in the library folder")
+
+    def execute(self, context):
+        s = context.scene.psd3d
+        try:
+            if s.batch_source == "TEXT":
+                if s.batch_text is None:
+                    raise library.LibraryError("batch_text: choose a text block with one prompt a line")
+                prompts = library.parse_prompts(s.batch_text.as_string(), f"text block {s.batch_text.name!r}")
+            else:
+                path = Path(bpy.path.abspath(s.batch_file))
+                if not s.batch_file or not path.is_file():
+                    raise library.LibraryError(f"batch_file: {str(path)!r} is not a file")
+                prompts = library.parse_prompts(path.read_text(encoding="utf-8"), str(path))
+            if not s.library_dir:
+                raise library.LibraryError("library_dir: choose a folder for the asset library")
+            if s.library_dir.startswith("//") and not bpy.data.filepath:
+                raise library.LibraryError("library_dir: is relative to a .blend that is not saved yet; "
+                                           "save the file or choose an absolute folder")
+            library.clean_catalog_path(s.catalog)
+            fields = spec_fields(s)
+            fields.pop("prompt")
+            fields["cameras"] = camera_rig(context, s, np.eye(4))
+        except (scene.SceneError, library.LibraryError, Psd3dError) as exc:
+            return self.fail(exc)
+        scene_name, cursor = context.scene.name, tuple(context.scene.cursor.location)
+        folder = Path(bpy.path.abspath(s.library_dir))
+
+        def acknowledged(ids, batch):
+            sc = bpy.data.scenes.get(scene_name)
+            if sc is None:
+                return
+            blend = folder / f"psd3d_{time.strftime('%Y%m%d_%H%M%S')}_{batch[:8]}.blend"
+            for i, (job, prompt) in enumerate(zip(ids, prompts)):
+                add_job(sc.psd3d, job, "generate", prompt, cursor, batch=batch, library_path=str(blend), index=i)
+
+        submit("batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, acknowledged)
+        self.report({"INFO"}, f"psd3d: batch of {len(prompts)} prompts submitted")
+        return {"FINISHED"}
+
+
+def _selected_job(context):
+    s = context.scene.psd3d
+    if 0 <= s.active_job < len(s.jobs):
+        return s.jobs[s.active_job]
+    return None
+
+
+class _JobControl(_Op):
+    request = ""
+
+    @classmethod
+    def poll(cls, context):
+        item = _selected_job(context)
+        return item is not None and item.active
+
+    def execute(self, context):
+        item = _selected_job(context)
+        job = item.job_id
+        connection.session().request(self.request, {"job": job},
+                                     on_error=lambda exc: _report_later(f"psd3d: {self.request} {job[:8]}: {exc}"))
+        ensure_timer()
+        self.report({"INFO"}, f"psd3d: {self.request} {job[:8]}")
+        return {"FINISHED"}
+
+
+class PSD_OT_cancel(_JobControl, bpy.types.Operator):
+    bl_idname = "psd3d.cancel"
+    bl_label = "Cancel"
+    bl_description = "Stop the selected job within one optimisation step and discard it"
+    request = "cancel"
+
+
+class PSD_OT_finish(_JobControl, bpy.types.Operator):
+    bl_idname = "psd3d.finish"
+    bl_label = "Stop & Keep"
+    bl_description = "Stop the selected job now and keep its current state as the result"
+    request = "finish"
+
+
+class PSD_OT_revert(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.revert"
+    bl_label = "Revert Texture"
+    bl_description = "Put back the image the active object's material had before it was refined"
+
+    @classmethod
+    def poll(cls, context):
+        obj = context.active_object
+        return obj is not None and obj.active_material is not None and scene.ORIGINAL_KEY in obj.active_material
+
+    def execute(self, context):
+        try:
+            name = scene.revert(context.active_object)
+        except scene.SceneError as exc:
+            return self.fail(exc)
+        self.report({"INFO"}, f"psd3d: restored {name or 'no image'}")
+        return {"FINISHED"}
+
+
+class PSD_OT_use_negative(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.use_negative"
+    bl_label = "Reuse Its Negative Embedding"
+    bl_description = "Start the next jobs from the negative embedding the selected finished job learned"
+
+    @classmethod
+    def poll(cls, context):
+        item = _selected_job(context)
+        return item is not None and item.state == "done"
+
+    def execute(self, context):
+        s = context.scene.psd3d
+        s.negative_from, s.use_negative_from = _selected_job(context).job_id, True
+        return {"FINISHED"}
+
+
+class PSD_OT_remove_job(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.remove_job"
+    bl_label = "Remove From List"
+    bl_description = "Forget the selected job in this file (its object and the backend's files stay)"
+
+    @classmethod
+    def poll(cls, context):
+        return _selected_job(context) is not None
+
+    def execute(self, context):
+        s = context.scene.psd3d
+        item = _selected_job(context)
+        if connection.current() is not None:
+            connection.current().unfollow(item.job_id)
+        s.jobs.remove(s.active_job)
+        s.active_job = max(0, min(s.active_job, len(s.jobs) - 1))
+        return {"FINISHED"}
+
+
+class PSD_OT_check_connection(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.check_connection"
+    bl_label = "Check Connection"
+    bl_description = "Ask the backend for its version and what it offers (presets, methods, rewards)"
+
+    def execute(self, context):
+        from protocol.client import Client
+
+        p = connection.prefs()
+        curve = (bpy.path.abspath(p.client_key), bpy.path.abspath(p.server_key)) if p.use_curve else None
+        try:
+            with Client(p.address, timeout=HELLO_TIMEOUT, curve=curve) as client:
+                hello = client.hello()
+        except (Psd3dError, OSError, ValueError) as exc:
+            return self.fail(Exception(f"psd3d: no backend at {p.address}: {exc}"))
+        connection.set_offered(hello)
+        self.report({"INFO"}, f"psd3d: {hello.get('server')} protocol {hello.get('protocol')} at {p.address}; presets "
+                              f"{', '.join(hello.get('presets', []))}")
+        return {"FINISHED"}
+
+
+class PSD_OT_start_server(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.start_server"
+    bl_label = "Start Local Backend"
+    bl_description = "Run `psd3d serve` on this machine (the backend must be installed here)"
+
+    def execute(self, context):
+        p = connection.prefs()
+        exe = connection.find_psd3d(p.psd3d_path)
+        if exe is None:
+            return self.fail(Exception("psd3d_path: no `psd3d` command found; install the backend (README) or set "
+                                       "its path in the add-on preferences"))
+        if not connection.is_local(p.address):
+            return self.fail(Exception(f"address: {p.address} is not on this machine; a local backend binds loopback"))
+        data = Path(bpy.path.abspath(p.data_dir))
+        data.mkdir(parents=True, exist_ok=True)
+        proc = connection.start_server(exe, p.address, str(data), data / "serve.log")
+        self.report({"INFO"}, f"psd3d: backend started (pid {proc.pid}); log in {data / 'serve.log'}")
+        return {"FINISHED"}
+
+
+CLASSES = (PSD_OT_generate, PSD_OT_refine, PSD_OT_batch, PSD_OT_cancel, PSD_OT_finish, PSD_OT_revert,
+           PSD_OT_use_negative, PSD_OT_remove_job, PSD_OT_check_connection, PSD_OT_start_server)

@@ -1,0 +1,129 @@
+"""The "PSD" tab of the 3D viewport's sidebar, and a progress line in the status bar."""
+
+from __future__ import annotations
+
+import bpy
+
+from . import connection, operators, pump
+from .props import STATE_ICONS
+
+
+class PSD_UL_jobs(bpy.types.UIList):
+    bl_idname = "PSD_UL_jobs"
+
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index):
+        row = layout.row(align=True)
+        row.label(text=item.prompt or item.job_id[:8], icon=STATE_ICONS.get(item.state, "DOT"))
+        if item.state == "running" and item.total:
+            row.label(text=f"{item.stage[:3]} {item.step}/{item.total}")
+        else:
+            row.label(text=item.state)
+        row.label(text=f"{item.reward:.3f}" if item.reward else "")
+
+
+class _Panel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "PSD"
+
+
+class PSD_PT_main(_Panel, bpy.types.Panel):
+    bl_idname = "PSD_PT_main"
+    bl_label = "PSD 3D"
+
+    def draw(self, context):
+        s = context.scene.psd3d
+        layout = self.layout
+        layout.prop(s, "prompt", text="")
+        layout.prop(s, "negative_prompt")
+        col = layout.column(align=True)
+        col.prop(s, "method")
+        col.prop(s, "reward")
+        col.prop(s, "preset")
+        row = col.row(align=True)
+        row.prop(s, "seed")
+        row.prop(s, "steps")
+        col.prop(s, "size")
+        row = layout.row()
+        row.prop(s, "use_negative_from", text="Reuse Negative")
+        sub = row.row()
+        sub.enabled = s.use_negative_from
+        sub.prop(s, "negative_from", text="")
+        row = layout.row(align=True)
+        row.scale_y = 1.4
+        row.operator("psd3d.generate", icon="MESH_MONKEY")
+        row.operator("psd3d.refine", icon="TEXTURE")
+        if not connection.offered():
+            layout.operator("psd3d.check_connection", icon="LINKED")
+
+
+class PSD_PT_cameras(_Panel, bpy.types.Panel):
+    bl_idname = "PSD_PT_cameras"
+    bl_label = "Cameras"
+    bl_parent_id = "PSD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        s = context.scene.psd3d
+        layout = self.layout
+        layout.prop(s, "camera_mode", expand=True)
+        if s.camera_mode == "ORBIT":
+            col = layout.column(align=True)
+            for name in ("elevation", "azimuth", "distance", "fov"):
+                col.prop(s, name)
+        else:
+            n = sum(1 for o in context.scene.objects if o.type == "CAMERA")
+            layout.label(text=f"{n} camera(s) in the scene", icon="CAMERA_DATA" if n else "ERROR")
+
+
+class PSD_PT_batch(_Panel, bpy.types.Panel):
+    bl_idname = "PSD_PT_batch"
+    bl_label = "Batch → Asset Library"
+    bl_parent_id = "PSD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        s = context.scene.psd3d
+        layout = self.layout
+        layout.prop(s, "batch_source", expand=True)
+        layout.prop(s, "batch_text" if s.batch_source == "TEXT" else "batch_file")
+        layout.prop(s, "library_dir")
+        layout.prop(s, "catalog")
+        layout.operator("psd3d.batch", icon="ASSET_MANAGER")
+
+
+class PSD_PT_jobs(_Panel, bpy.types.Panel):
+    bl_idname = "PSD_PT_jobs"
+    bl_label = "Jobs"
+    bl_parent_id = "PSD_PT_main"
+
+    def draw(self, context):
+        s = context.scene.psd3d
+        layout = self.layout
+        layout.template_list("PSD_UL_jobs", "", s, "jobs", s, "active_job", rows=3)
+        if 0 <= s.active_job < len(s.jobs):
+            item = s.jobs[s.active_job]
+            if item.active:
+                frac = item.step / item.total if item.total else 0.0
+                layout.progress(factor=frac, type="BAR", text=f"{item.stage or item.state} {item.step}/{item.total}")
+            if item.message:
+                layout.label(text=item.message, icon="ERROR")
+        row = layout.row(align=True)
+        row.operator("psd3d.cancel", icon="CANCEL")
+        row.operator("psd3d.finish", icon="PAUSE")
+        row = layout.row(align=True)
+        row.operator("psd3d.revert", icon="LOOP_BACK")
+        row.operator("psd3d.use_negative", text="Reuse Negative", icon="COPYDOWN")
+        row.operator("psd3d.remove_job", text="", icon="X")
+        for text in operators.messages():
+            layout.label(text=text, icon="ERROR")
+
+
+def draw_status(self, context):
+    summary = pump.running_summary()
+    if summary is not None:
+        text, frac = summary
+        self.layout.progress(factor=frac, type="BAR", text=text)
+
+
+CLASSES = (PSD_UL_jobs, PSD_PT_main, PSD_PT_cameras, PSD_PT_batch, PSD_PT_jobs)

@@ -1,0 +1,85 @@
+"""Frames and layouts between the backend (glTF: +Y up, UV origin top-left, image row 0 at the
+top) and Blender (+Z up, UV origin bottom-left, image row 0 at the bottom). Pure numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Blender world from glTF world: (x, y, z)_blender = (x, -z, y)_gltf, a rotation of +90 degrees about X
+GLTF_TO_BLENDER = np.array([[1, 0, 0, 0],
+                            [0, 0, -1, 0],
+                            [0, 1, 0, 0],
+                            [0, 0, 0, 1]], dtype=np.float64)
+BLENDER_TO_GLTF = GLTF_TO_BLENDER.T  # a rotation: its inverse is its transpose
+
+
+def points_to_blender(p: np.ndarray) -> np.ndarray:
+    """(N,3) glTF points -> (N,3) float32 Blender points."""
+    p = np.asarray(p)
+    return np.stack([p[:, 0], -p[:, 2], p[:, 1]], axis=1).astype(np.float32)
+
+
+def points_to_gltf(p: np.ndarray) -> np.ndarray:
+    """(N,3) Blender points -> (N,3) float32 glTF points."""
+    p = np.asarray(p)
+    return np.stack([p[:, 0], p[:, 2], -p[:, 1]], axis=1).astype(np.float32)
+
+
+def camera_to_gltf(blender_c2w: np.ndarray, world_to_local: np.ndarray) -> np.ndarray:
+    """A Blender camera's 4x4 camera-to-world matrix -> DESIGN.md's convention: camera-to-world in the
+    glTF frame of the mesh being worked on (``world_to_local``: the inverse of that object's Blender
+    world matrix). Blender cameras already look down their local -Z with +Y up, as OpenGL's do, so
+    only the world changes."""
+    m = BLENDER_TO_GLTF @ np.asarray(world_to_local, np.float64) @ np.asarray(blender_c2w, np.float64)
+    return m
+
+
+def fov_y_degrees(sensor_fit: str, angle_x: float, angle_y: float, width: int, height: int) -> float:
+    """A Blender camera's vertical field of view in degrees for a render of width x height pixels.
+    ``angle_x``/``angle_y`` are the camera data's own (radians); Blender applies the sensor to the
+    larger side under AUTO."""
+    aspect = width / height
+    if sensor_fit == "VERTICAL" or (sensor_fit == "AUTO" and height > width):
+        return float(np.degrees(angle_y if sensor_fit == "VERTICAL" else angle_x))
+    return float(np.degrees(2 * np.arctan(np.tan(angle_x / 2) / aspect)))
+
+
+def uvs_to_blender(uvs: np.ndarray) -> np.ndarray:
+    """Per-corner glTF UVs (F,3,2), origin top-left -> per-loop Blender UVs (F*3,2), origin bottom-left."""
+    out = np.asarray(uvs, np.float32).reshape(-1, 2).copy()
+    out[:, 1] = 1.0 - out[:, 1]
+    return out
+
+
+def uvs_to_gltf(loop_uvs: np.ndarray, n_faces: int) -> np.ndarray:
+    """Per-loop Blender UVs of a triangulated mesh (F*3,2) -> per-corner glTF UVs (F,3,2)."""
+    out = np.asarray(loop_uvs, np.float32).reshape(n_faces, 3, 2).copy()
+    out[..., 1] = 1.0 - out[..., 1]
+    return out
+
+
+def rgba8_to_blender_pixels(rgba: np.ndarray) -> np.ndarray:
+    """(H,W,4) uint8, row 0 at the top -> flat float32 pixels, row 0 at the bottom (``Image.pixels``)."""
+    flipped = np.ascontiguousarray(rgba[::-1])
+    return (flipped.reshape(-1).astype(np.float32) * np.float32(1.0 / 255.0))
+
+
+def blender_pixels_to_rgba8(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Flat float pixels of a Blender image (row 0 at the bottom) -> (H,W,4) uint8, row 0 at the top."""
+    img = np.asarray(pixels, np.float32).reshape(height, width, 4)[::-1]
+    return np.ascontiguousarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8))
+
+
+def triangle_loops(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A triangle mesh's Blender layout: (loop vertex indices (F*3,), loop starts (F,), loop totals (F,)), int32."""
+    f = np.asarray(faces, np.int32)
+    n = f.shape[0]
+    return (np.ascontiguousarray(f.reshape(-1)), np.arange(0, 3 * n, 3, dtype=np.int32), np.full(n, 3, np.int32))
+
+
+def fit_size(positions: np.ndarray, size: float) -> float:
+    """The uniform scale that makes the mesh's largest extent ``size`` (1 for an empty or flat mesh)."""
+    if len(positions) == 0:
+        return 1.0
+    extent = float(np.max(np.ptp(np.asarray(positions, np.float64), axis=0)))
+    return size / extent if extent > 1e-9 else 1.0

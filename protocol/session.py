@@ -1,0 +1,241 @@
+"""A non-blocking client for programs with their own event loop (the Blender add-on's timer).
+
+``Client`` blocks until a reply comes; a GUI cannot. ``Session`` sends a request and returns at
+once; its reply, and the events of the jobs it follows, are handled by ``poll``, which never
+waits longer than it is told. What it guarantees, as ``Client.watch`` does for one job:
+
+- ``progress``/``done``/``failed`` of each followed job are delivered once and in order (a
+  duplicate from a replay is dropped; a gap triggers a resubscribe from the last seq seen);
+- snapshots coalesce: one ``poll`` returns at most the latest mesh and texture of a job;
+- liveness: a ``ping`` every ``heartbeat`` seconds; its reply lists the jobs the server has this
+  peer subscribed to, so a server restart or a dropped connection (the server forgets a peer it
+  cannot reach) is repaired by resubscribing the missing ones. A ping that gets no reply makes
+  a fresh socket (Lazy Pirate) and resubscribes everything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from protocol.client import ConnectionLost, ServerError
+from protocol.events import Done, Failed, MeshSnapshot
+from protocol.messages import EXACTLY_ONCE, message_to_event
+from protocol.wire import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
+
+OnReply = Callable[[Message], None]
+OnError = Callable[[Exception], None]
+
+
+@dataclass
+class _Pending:
+    kind: str
+    sent: float
+    timeout: float
+    on_reply: OnReply | None
+    on_error: OnError | None
+
+
+@dataclass
+class Followed:
+    """What the session knows of one followed job."""
+
+    job: str
+    last: int = 0  # the last exactly-once seq delivered
+    subscribed: bool = False  # a subscribe reply arrived since the last (re)connect
+    finished: bool = False
+
+
+@dataclass
+class JobEvent:
+    job: str
+    seq: int
+    event: Any  # a protocol.events dataclass
+
+
+@dataclass
+class SessionState:
+    connected: bool = False  # the last ping (or any reply) came back
+    last_reply: float = 0.0
+    server: dict = field(default_factory=dict)  # the hello reply, once it came
+
+
+class Session:
+    def __init__(self, address: str = "tcp://127.0.0.1:5557", curve: tuple[str, str] | None = None,
+                 heartbeat: float = 2.0, timeout: float = 10.0, texture_encoding: str = "auto") -> None:
+        """``curve``: (this client's ``.key_secret`` file, the server's public ``.key`` file)."""
+        self.address, self.curve = address, curve
+        self.heartbeat, self.timeout, self.texture_encoding = heartbeat, timeout, texture_encoding
+        self.ctx = zmq.Context.instance()
+        self.socket: zmq.Socket | None = None
+        self.state = SessionState()
+        self.jobs: dict[str, Followed] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._last_ping = 0.0
+        self._orphans: list[JobEvent] = []  # failures made up for jobs the server does not know
+        self._connect()
+
+    # -- socket ----------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 200)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.curve is not None:
+            import zmq.auth
+
+            public, secret = zmq.auth.load_certificate(self.curve[0])
+            server_key, _ = zmq.auth.load_certificate(self.curve[1])
+            sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
+        sock.connect(self.address)
+        self.socket = sock
+        for followed in self.jobs.values():
+            followed.subscribed = False
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        for pending in self._pending.values():
+            if pending.on_error is not None:
+                pending.on_error(ConnectionLost(f"{pending.kind}: the session was closed"))
+        self._pending.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self.socket is None
+
+    # -- requests --------------------------------------------------------------------------------
+    def request(self, kind: str, body: dict | None = None, arrays: dict | None = None,
+                on_reply: OnReply | None = None, on_error: OnError | None = None,
+                timeout: float | None = None) -> str:
+        """Send a request now; ``on_reply(message)`` or ``on_error(exception)`` runs inside a later ``poll``."""
+        rid = f"s{next(self._ids)}"
+        self.socket.send_multipart(encode(Message(kind, rid, body or {}, arrays or {})), copy=False)
+        self._pending[rid] = _Pending(kind, time.monotonic(), self.timeout if timeout is None else timeout, on_reply, on_error)
+        return rid
+
+    def follow(self, job: str, after: int = 0) -> None:
+        """Follow a job's events from after ``after`` (the last seq this client already applied)."""
+        if job not in self.jobs:
+            self.jobs[job] = Followed(job, last=after)
+        self._subscribe(self.jobs[job])
+
+    def unfollow(self, job: str) -> None:
+        self.jobs.pop(job, None)
+
+    def _subscribe(self, followed: Followed) -> None:
+        def ok(_msg: Message) -> None:
+            followed.subscribed = True
+
+        def failed(exc: Exception) -> None:
+            if isinstance(exc, ServerError) and exc.code == "unknown_job":  # the server has no such job
+                followed.finished = True
+                self._orphans.append(JobEvent(followed.job, followed.last + 1,
+                                              Failed("unknown_job", exc.message, "job")))
+
+        self.request("subscribe", {"job": followed.job, "after": followed.last, "texture_encoding": self.texture_encoding},
+                     on_reply=ok, on_error=failed)
+
+    # -- the pump --------------------------------------------------------------------------------
+    def poll(self, budget: float = 0.005) -> list[JobEvent]:
+        """Handle what has arrived (replies run their callbacks) and return the followed jobs' new
+        events in order, snapshots coalesced. Waits at most ``budget`` seconds for the first message."""
+        self._orphans = []
+        out: list[JobEvent] = []
+        latest: dict[tuple[str, str], int] = {}  # (job, snapshot kind) -> index in out
+        wait_ms = int(budget * 1000)
+        now = time.monotonic()
+        self._check_timeouts(now)
+        self._heartbeat(now)
+        while self.socket is not None and self.socket.poll(wait_ms):
+            wait_ms = 0
+            try:
+                msg = decode(self.socket.recv_multipart(copy=False))
+            except ProtocolError:
+                continue  # a malformed message from the server: nothing to attribute it to
+            self.state.connected, self.state.last_reply = True, time.monotonic()
+            if msg.type == "event":
+                self._on_event(msg, out, latest)
+            elif msg.id in self._pending:
+                pending = self._pending.pop(msg.id)
+                try:
+                    if msg.type == "error":
+                        if pending.on_error is not None:
+                            b = msg.body
+                            pending.on_error(ServerError(b.get("code", "internal"), b.get("message", ""), b.get("field")))
+                    elif pending.on_reply is not None:
+                        pending.on_reply(msg)
+                except Exception as exc:  # a callback's bug must not stop the pump
+                    if pending.on_error is not None:
+                        pending.on_error(exc)
+        out.extend(self._orphans)
+        return [e for e in out if e is not None]
+
+    def _on_event(self, msg: Message, out: list, latest: dict) -> None:
+        try:
+            job, seq, event = message_to_event(msg)
+        except (ProtocolError, KeyError, TypeError):
+            return
+        followed = self.jobs.get(job)
+        if followed is None or followed.finished:
+            return
+        kind = msg.body["kind"]
+        if kind in EXACTLY_ONCE:
+            if seq <= followed.last:
+                return  # a duplicate from a replay
+            if seq > followed.last + 1:  # a gap: ask for the rest
+                self._subscribe(followed)
+                return
+            followed.last = seq
+            followed.finished = isinstance(event, (Done, Failed))
+            out.append(JobEvent(job, seq, event))
+            return
+        key = (job, kind)
+        if key in latest:  # coalesce: keep only the newest snapshot of this kind, at its newest place
+            out[latest[key]] = None
+        if isinstance(event, MeshSnapshot):
+            latest.pop((job, "texture"), None)  # a texture after a new mesh must come after it
+        latest[key] = len(out)
+        out.append(JobEvent(job, seq, event))
+
+    def _check_timeouts(self, now: float) -> None:
+        expired = [rid for rid, p in self._pending.items() if now - p.sent > p.timeout]
+        if not expired:
+            return
+        lost = [self._pending.pop(rid) for rid in expired]
+        self.state.connected = False
+        self._connect()  # Lazy Pirate: a fresh socket; replies to the old one are abandoned
+        for rid in list(self._pending):  # requests sent on the old socket are lost with it
+            lost.append(self._pending.pop(rid))
+        for pending in lost:
+            if pending.on_error is not None:
+                pending.on_error(ConnectionLost(f"no reply to {pending.kind} from {self.address} within {pending.timeout:.0f} s"))
+        for followed in self.jobs.values():
+            if not followed.finished:
+                self._subscribe(followed)
+        self._last_ping = now
+
+    def _heartbeat(self, now: float) -> None:
+        if now - self._last_ping < self.heartbeat or any(p.kind == "ping" for p in self._pending.values()):
+            return
+        self._last_ping = now
+
+        def check(msg: Message) -> None:
+            held = set(msg.body.get("subscribed", ()))
+            for followed in self.jobs.values():
+                if not followed.finished and followed.subscribed and followed.job not in held:
+                    followed.subscribed = False  # the server restarted or forgot this peer
+                    self._subscribe(followed)
+
+        self.request("ping", {}, on_reply=check, timeout=max(self.heartbeat * 2, 3.0))
