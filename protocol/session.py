@@ -9,8 +9,9 @@ waits longer than it is told. What it guarantees, as ``Client.watch`` does for o
 - snapshots coalesce: one ``poll`` returns at most the latest mesh and texture of a job;
 - liveness: a ``ping`` every ``heartbeat`` seconds; its reply lists the jobs the server has this
   peer subscribed to, so a server restart or a dropped connection (the server forgets a peer it
-  cannot reach) is repaired by resubscribing the missing ones. A ping that gets no reply makes
-  a fresh socket (Lazy Pirate) and resubscribes everything.
+  cannot reach) is repaired by resubscribing the missing ones. A request without a reply in its
+  time fails alone: the socket stays, ZeroMQ reconnects it and sends what was queued (a busy
+  server, e.g. one loading a tokenizer, answers late but answers).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
+import zmq.auth
 
 from protocol.client import ConnectionLost, ServerError
 from protocol.events import Done, Failed, MeshSnapshot
@@ -92,8 +94,6 @@ class Session:
         sock.setsockopt(zmq.RECONNECT_IVL, 200)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         if self.curve is not None:
-            import zmq.auth
-
             public, secret = zmq.auth.load_certificate(self.curve[0])
             server_key, _ = zmq.auth.load_certificate(self.curve[1])
             sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
@@ -210,21 +210,15 @@ class Session:
         out.append(JobEvent(job, seq, event))
 
     def _check_timeouts(self, now: float) -> None:
+        """Fail the requests whose time is up. The socket stays: ZeroMQ reconnects by itself and sends
+        what is queued, and the next ping reply says which subscriptions the server lost."""
         expired = [rid for rid, p in self._pending.items() if now - p.sent > p.timeout]
-        if not expired:
-            return
-        lost = [self._pending.pop(rid) for rid in expired]
-        self.state.connected = False
-        self._connect()  # Lazy Pirate: a fresh socket; replies to the old one are abandoned
-        for rid in list(self._pending):  # requests sent on the old socket are lost with it
-            lost.append(self._pending.pop(rid))
-        for pending in lost:
+        for rid in expired:
+            pending = self._pending.pop(rid)
+            if pending.kind == "ping":
+                self.state.connected = False
             if pending.on_error is not None:
                 pending.on_error(ConnectionLost(f"no reply to {pending.kind} from {self.address} within {pending.timeout:.0f} s"))
-        for followed in self.jobs.values():
-            if not followed.finished:
-                self._subscribe(followed)
-        self._last_ping = now
 
     def _heartbeat(self, now: float) -> None:
         if now - self._last_ping < self.heartbeat or any(p.kind == "ping" for p in self._pending.values()):

@@ -15,6 +15,7 @@ from ..core import frames, library
 from . import connection, pump, scene
 
 HELLO_TIMEOUT = 5.0
+SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
 
 
 def spec_fields(s) -> dict:
@@ -66,8 +67,7 @@ def submit(kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
         print(f"psd3d: {kind} refused: {exc}")
         _report_later(f"psd3d: {kind} refused: {exc}")
 
-    connection.session().request("submit", body, arrays=arrays, on_reply=ok, on_error=failed,
-                                 timeout=60 if arrays else 15)
+    connection.session().request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
     ensure_timer()
 
 

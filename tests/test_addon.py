@@ -1,0 +1,321 @@
+"""The Blender add-on in the real ``bpy`` module (headless), against a real ``psd3d serve --preset tiny``
+subprocess over ZeroMQ: no mocks of bpy or of the backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+import addon_utils  # noqa: E402  (Blender's, importable once bpy is)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the add-on package as it is in this repository
+
+from protocol.events import MeshSnapshot, TextureSnapshot  # noqa: E402
+from protocol.session import JobEvent  # noqa: E402
+
+ADDON = "blender_addon"
+STEPS = 12  # the tiny preset snapshots the texture every 4 steps: 3 texture snapshots
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, psd3d_home):
+    """A real backend on an ipc endpoint, its tiny models built on first use."""
+    folder = tmp_path_factory.mktemp("backend")
+    address = f"ipc://{folder}/psd.sock"
+    env = dict(os.environ, PSD3D_HOME=psd3d_home, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", address, "--data", str(folder / "data"),
+                             "--preset", "tiny"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    yield address
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def addon(backend):
+    bpy.ops.wm.read_factory_settings(use_empty=False)
+    addon_utils.enable(ADDON, default_set=True)
+    bpy.context.preferences.addons[ADDON].preferences.address = backend
+    from blender_addon.blender import connection, pump
+
+    yield pump
+    connection.shutdown()
+    addon_utils.disable(ADDON)
+
+
+def pump_until(pump, done, timeout: float = 180.0, on_tick=None) -> None:
+    """Drive the add-on's timer callback, as Blender would, until ``done()``."""
+    from blender_addon.blender import operators
+
+    t0, errors = time.monotonic(), len(operators.messages())
+    while not done():
+        assert time.monotonic() - t0 < timeout, "timed out waiting for the backend"
+        assert len(operators.messages()) == errors, operators.messages()[-1]
+        pump.pump(0.02)
+        if on_tick is not None:
+            on_tick()
+
+
+def settings(prompt: str, steps: int = STEPS):
+    s = bpy.context.scene.psd3d
+    s.prompt, s.steps, s.preset, s.method, s.camera_mode = prompt, steps, "tiny", "psd", "ORBIT"
+    return s
+
+
+def jobs_settled(s) -> bool:
+    return len(s.jobs) > 0 and not any(item.active for item in s.jobs)
+
+
+def job_image(item):
+    return next(i for i in bpy.data.images if i.get("psd3d_job") == item.job_id)
+
+
+def test_register_and_unregister_leave_no_trace():
+    from blender_addon.blender import connection, panel, pump
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    before_types = {name for name in dir(bpy.types) if name.startswith("PSD_")}
+    before_handlers = len(bpy.app.handlers.load_post)
+    for _ in range(2):
+        addon_utils.enable(ADDON, default_set=True)
+        assert hasattr(bpy.types.Scene, "psd3d") and bpy.app.timers.is_registered(pump.tick)
+        assert hasattr(bpy.types, "PSD_PT_main") and bpy.ops.psd3d.generate.poll() in (True, False)
+        connection.session()  # open a socket, as a first job would
+        addon_utils.disable(ADDON)
+        assert not hasattr(bpy.types.Scene, "psd3d")
+        assert {name for name in dir(bpy.types) if name.startswith("PSD_")} == before_types
+        assert not bpy.app.timers.is_registered(pump.tick)
+        assert len(bpy.app.handlers.load_post) == before_handlers
+        assert panel.draw_status not in bpy.types.STATUSBAR_HT_header._dyn_ui_initialize()
+        assert connection.current() is None and connection.server_process() is None
+
+
+def test_generate_appears_at_the_cursor_and_its_texture_updates_in_place(addon, tmp_path):
+    pump = addon
+    s = settings("a red teapot")
+    bpy.context.scene.cursor.location = (2.0, -1.0, 0.5)
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+    seen: list[tuple[int, int, np.ndarray]] = []  # (snapshot count, image pointer, pixels) per new snapshot
+
+    def record():
+        for image in bpy.data.images:
+            count = image.get("psd3d_snapshots", 0)
+            if count and (not seen or seen[-1][0] != count):
+                pixels = np.empty(len(image.pixels), np.float32)
+                image.pixels.foreach_get(pixels)
+                seen.append((count, image.as_pointer(), pixels))
+
+    pump_until(pump, lambda: jobs_settled(s), on_tick=record)
+    item = s.jobs[-1]
+    assert item.state == "done", item.message
+    assert item.reward != 0.0 and item.last_seq > 0
+    obj = next(o for o in bpy.data.objects if o.get("psd3d_job") == item.job_id)
+    assert len(obj.data.polygons) > 100 and obj.data.uv_layers.active is not None
+    assert np.allclose(obj.location, (2.0, -1.0, 0.5))
+    assert 0.5 < max(obj.dimensions) < 1.5  # the panel's size (1 m), not the backend's units
+    mat = obj.active_material
+    links = [link for link in mat.node_tree.links if link.to_socket.name == "Base Color"]
+    assert links and links[0].from_node.type == "TEX_IMAGE" and links[0].to_node.type == "BSDF_PRINCIPLED"
+    image = links[0].from_node.image
+    assert image.colorspace_settings.name == "sRGB" and image.packed_file is not None
+
+    assert len(seen) >= 3, f"only {len(seen)} texture snapshots arrived"
+    assert {pointer for _, pointer, _ in seen} == {image.as_pointer()}  # one Image, written in place
+    changes = [float(np.abs(a[2] - b[2]).max()) for a, b in zip(seen, seen[1:])]
+    assert max(changes) > 0, "the texture did not change between snapshots"
+
+    # a Cycles CPU render of the result at low samples is not blank
+    scene = bpy.context.scene
+    cam = bpy.data.objects.get("Camera")
+    cam.location = (obj.location.x + 2.2, obj.location.y - 2.2, obj.location.z + 1.6)
+    cam.rotation_euler = (np.radians(65), 0, np.radians(45))
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = 4
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 96, 72, 100
+    scene.render.filepath = str(tmp_path / "render.png")
+    bpy.ops.render.render(write_still=True)
+    render = bpy.data.images.load(str(tmp_path / "render.png"))
+    pixels = np.empty(len(render.pixels), np.float32)
+    render.pixels.foreach_get(pixels)
+    rgb = pixels.reshape(-1, 4)[:, :3]
+    assert rgb.std() > 0.02 and rgb.max() > 0.05, "the render is blank"
+
+
+def test_a_hundred_snapshots_accumulate_nothing_and_keep_the_artists_changes(addon):
+    pump = addon
+    from blender_addon.blender import scene as bscene
+
+    s = bpy.context.scene.psd3d
+    job = "f" * 32
+    item = s.jobs.add()
+    item.job_id, item.pipeline, item.prompt, item.state, item.size = job, "generate", "asymmetric", "running", 1.0
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(60, 3)).astype(np.float32)
+    faces = rng.integers(0, 60, size=(80, 3)).astype(np.int32)
+    uvs = rng.random((80, 3, 2)).astype(np.float32)
+    tex = rng.integers(0, 255, size=(32, 32, 4), dtype=np.uint8)
+    pump.apply(JobEvent(job, 1, MeshSnapshot(1, pos, faces, uvs, 7)))
+    pump.apply(JobEvent(job, 1, TextureSnapshot(1, tex)))
+    obj = bscene.job_object(job)
+    obj.modifiers.new("bevel", "BEVEL")
+    obj.location, obj.rotation_euler = (3, 4, 5), (0.1, 0.2, 0.3)
+    obj.select_set(True)
+    counts = (len(bpy.data.meshes), len(bpy.data.images), len(bpy.data.materials), len(bpy.data.objects))
+    mesh_ptr, image_ptr = obj.data.as_pointer(), bscene.job_image(job).as_pointer()
+    for i in range(100):
+        topology = 7 if i % 10 else 8 + i  # mostly positions-only, sometimes a new topology
+        pump.apply(JobEvent(job, 1, MeshSnapshot(i, pos + i * 1e-3, faces, uvs, topology)))
+        pump.apply(JobEvent(job, 1, TextureSnapshot(i, np.roll(tex, i, axis=0))))
+    assert (len(bpy.data.meshes), len(bpy.data.images), len(bpy.data.materials), len(bpy.data.objects)) == counts
+    assert obj.data.as_pointer() == mesh_ptr and bscene.job_image(job).as_pointer() == image_ptr
+    assert [m.name for m in obj.modifiers] == ["bevel"] and obj.select_get()
+    assert np.allclose(obj.location, (3, 4, 5)) and np.allclose(obj.rotation_euler, (0.1, 0.2, 0.3))
+    s.jobs.remove(len(s.jobs) - 1)
+    bpy.data.objects.remove(obj)
+
+
+def test_orientation_gltf_y_up_is_blender_z_up(addon):
+    """An asymmetric tetrahedron: glTF +Y (up) must become Blender +Z, glTF +Z (towards the viewer)
+    Blender -Y; the artist's mesh goes back the other way, UVs and texture rows flipped."""
+    pump = addon
+    from blender_addon.blender import scene as bscene
+
+    s = bpy.context.scene.psd3d
+    job = "e" * 32
+    item = s.jobs.add()
+    item.job_id, item.pipeline, item.prompt, item.state, item.size = job, "generate", "tetra", "running", 3.0
+    pos = np.array([[0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 3]], np.float32)  # x 1, up 2, front 3
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
+    uvs = np.tile(np.array([[0, 0], [1, 0], [0, 1]], np.float32), (4, 1, 1))
+    tex = np.zeros((2, 2, 4), np.uint8)
+    tex[0] = 255  # the top row white
+    pump.apply(JobEvent(job, 1, MeshSnapshot(1, pos, faces, uvs, 1)))
+    pump.apply(JobEvent(job, 1, TextureSnapshot(1, tex)))
+    obj = bscene.job_object(job)
+    co = np.array([v.co for v in obj.data.vertices])
+    assert np.allclose(co, [[0, 0, 0], [1, 0, 0], [0, 0, 2], [0, -3, 0]])  # size 3 = the largest extent: scale 1
+    px = np.array(bscene.job_image(job).pixels).reshape(2, 2, 4)
+    assert px[1].min() == 1.0 and px[0, :, :3].max() == 0.0  # Blender's row 0 is the bottom
+    uv = np.array([d.vector for d in obj.data.uv_layers.active.uv]).reshape(4, 3, 2)
+    assert np.allclose(uv[..., 1], 1 - uvs[..., 1])
+    back = bscene.mesh_arrays(obj, bpy.context.evaluated_depsgraph_get())
+    assert np.allclose(back["positions"], pos) and np.allclose(back["uvs"], uvs)
+    assert np.array_equal(back["texture"], tex)
+    s.jobs.remove(len(s.jobs) - 1)
+    bpy.data.objects.remove(obj)
+
+
+def test_refine_selected_keeps_the_cubes_uvs_and_revert_restores_its_image(addon):
+    pump = addon
+    cube = bpy.data.objects["Cube"]
+    bpy.context.view_layer.objects.active = cube
+    original = bpy.data.images.new("Original", 16, 16)
+    original.pixels.foreach_set(np.full(16 * 16 * 4, 0.5, np.float32))
+    mat = cube.active_material
+    node = mat.node_tree.nodes.new("ShaderNodeTexImage")
+    node.image = original
+    mat.node_tree.links.new(node.outputs["Color"], mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"])
+    uv_before = np.empty(len(cube.data.loops) * 2, np.float32)
+    cube.data.uv_layers.active.uv.foreach_get("vector", uv_before)
+    verts_before = np.array([v.co for v in cube.data.vertices])
+    s = settings("a weathered wooden crate")
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.refine() == {"FINISHED"}
+    pump_until(pump, lambda: len(s.jobs) > n_jobs and jobs_settled(s))
+    item = s.jobs[-1]
+    assert item.state == "done" and item.pipeline == "refine", item.message
+    refined = job_image(item)
+    assert node.image == refined and refined.get("psd3d_snapshots", 0) >= 2 and tuple(refined.size) == (16, 16)
+    uv_after = np.empty(len(cube.data.loops) * 2, np.float32)
+    cube.data.uv_layers.active.uv.foreach_get("vector", uv_after)
+    assert uv_after.tobytes() == uv_before.tobytes()  # the artist's UVs, byte for byte
+    assert np.array_equal(np.array([v.co for v in cube.data.vertices]), verts_before) and len(cube.data.polygons) == 6
+    assert original.name in bpy.data.images and original.use_fake_user
+    assert bpy.ops.psd3d.revert() == {"FINISHED"}
+    assert node.image == original
+    assert not bpy.ops.psd3d.revert.poll()
+
+
+def test_batch_of_three_prompts_makes_three_assets_in_a_saved_library(addon, tmp_path):
+    pump = addon
+    s = settings("", steps=4)
+    text = bpy.data.texts.new("props")
+    text.write("a brass lantern\n\n# a comment line\na stone bowl\na green bottle\n")
+    s.batch_source, s.batch_text, s.library_dir, s.catalog = "TEXT", text, str(tmp_path / "lib"), "PSD3D/Test Props"
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.batch() == {"FINISHED"}
+    batch_items = lambda: [item for item in s.jobs[n_jobs:]]  # noqa: E731
+
+    def all_previews():
+        items = batch_items()
+        if len(items) != 3 or not jobs_settled(s):
+            return False
+        objs = [o for o in bpy.data.objects if o.get("psd3d_job") in {i.job_id for i in items}]
+        return len(objs) == 3 and all(o.preview is not None and o.preview.image_size[0] > 0 for o in objs)
+
+    pump_until(pump, all_previews)
+    items = batch_items()
+    assert [i.prompt for i in items] == ["a brass lantern", "a stone bowl", "a green bottle"]
+    assert all(i.state == "done" for i in items) and len({i.batch for i in items}) == 1
+    blend = Path(items[0].library)
+    assert blend.is_file() and blend.parent == tmp_path / "lib"
+    cats = (tmp_path / "lib" / "blender_assets.cats.txt").read_text()
+    assert ":PSD3D/Test Props:" in cats and ":PSD3D:" in cats
+    catalog_id = next(line.split(":")[0] for line in cats.splitlines() if ":PSD3D/Test Props:" in line)
+    for item in items:
+        obj = next(o for o in bpy.data.objects if o.get("psd3d_job") == item.job_id)
+        data = obj.asset_data
+        assert data is not None and data.catalog_id == catalog_id and data.description == item.prompt
+        tags = {t.name for t in data.tags}
+        assert {"psd3d", "method:psd", "seed:0"} <= tags and any(t.startswith("hpsv2.1:") for t in tags)
+    with bpy.data.libraries.load(str(blend), assets_only=True) as (src, _dst):
+        saved = list(src.objects)
+    assert len(saved) == 3
+
+
+def test_a_reopened_file_resumes_its_job_and_misses_no_event(addon, tmp_path):
+    """Blender "restarts" mid-job: the .blend is saved, the socket closed, the file reopened; the pump
+    resubscribes from the saved sequence number and applies every later event exactly once."""
+    pump = addon
+    from blender_addon.blender import connection
+
+    s = settings("a blue vase", steps=30)
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+    pump_until(pump, lambda: len(s.jobs) > n_jobs and s.jobs[-1].step >= 3)
+    path = str(tmp_path / "scene.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    saved_seq = s.jobs[-1].last_seq
+    connection.shutdown()  # Blender closes: its socket goes
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    s = bpy.context.scene.psd3d
+    item = s.jobs[-1]
+    assert item.last_seq == saved_seq and item.active
+    applied: list[int] = []
+    original_apply = pump.apply
+
+    def recording_apply(job_event):
+        if job_event.event.__class__.__name__ in ("Progress", "Done", "Failed"):
+            applied.append(job_event.seq)
+        return original_apply(job_event)
+
+    pump.apply = recording_apply
+    try:
+        pump_until(pump, lambda: jobs_settled(s))
+    finally:
+        pump.apply = original_apply
+    item = s.jobs[-1]
+    assert item.state == "done", item.message
+    assert applied == list(range(saved_seq + 1, saved_seq + 1 + len(applied)))  # contiguous, none twice
+    assert applied[-1] == item.last_seq
+    obj = next(o for o in bpy.data.objects if o.get("psd3d_job") == item.job_id)
+    assert job_image(item).get("psd3d_snapshots", 0) >= 1 and len(obj.data.polygons) > 0
