@@ -1,0 +1,84 @@
+"""The add-on's bpy-free core: frames, layouts and library files (no Blender needed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blender_addon.core import frames, library  # noqa: E402
+
+
+def test_points_round_trip_and_y_up_becomes_z_up():
+    p = np.array([[1, 2, 3], [-4, 5, 0.5]], np.float32)
+    b = frames.points_to_blender(p)
+    assert np.allclose(b, [[1, -3, 2], [-4, -0.5, 5]])
+    assert np.allclose(frames.points_to_gltf(b), p)
+    assert np.allclose(frames.GLTF_TO_BLENDER[:3, :3] @ p.T, b.T)
+
+
+def test_a_blender_camera_becomes_a_gltf_camera_looking_the_same_way():
+    # a Blender camera 5 m along -Y (in front of the origin), looking at it (+Y), Z up
+    c2w = np.array([[1, 0, 0, 0], [0, 0, -1, -5], [0, 1, 0, 0], [0, 0, 0, 1]], np.float64)
+    g = frames.camera_to_gltf(c2w, np.eye(4))
+    assert np.allclose(g[:3, 3], [0, 0, 5])  # glTF: in front = +Z
+    assert np.allclose(g[:3, :3] @ [0, 0, -1], [0, 0, -1])  # looks down -Z towards the origin
+    assert np.allclose(g[:3, :3] @ [0, 1, 0], [0, 1, 0])  # its up is glTF's up
+    shifted = frames.camera_to_gltf(c2w, np.array([[1, 0, 0, -2], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    assert np.allclose(shifted[:3, 3], [-2, 0, 5])  # into the frame of an object at x = 2
+
+
+def test_vertical_field_of_view_follows_blenders_sensor_fit():
+    ax = np.radians(60)
+    assert frames.fov_y_degrees("AUTO", ax, 0.0, 100, 100) == pytest.approx(60)
+    assert frames.fov_y_degrees("AUTO", ax, 0.0, 200, 100) == pytest.approx(np.degrees(2 * np.arctan(np.tan(ax / 2) / 2)))
+    assert frames.fov_y_degrees("AUTO", ax, 0.0, 100, 200) == pytest.approx(60)
+    assert frames.fov_y_degrees("VERTICAL", ax, np.radians(40), 200, 100) == pytest.approx(40)
+
+
+def test_uvs_and_pixels_flip_and_round_trip():
+    uvs = np.random.default_rng(0).random((5, 3, 2)).astype(np.float32)
+    loops = frames.uvs_to_blender(uvs)
+    assert loops.shape == (15, 2) and np.allclose(loops[:, 1], 1 - uvs.reshape(-1, 2)[:, 1])
+    assert np.allclose(frames.uvs_to_gltf(loops, 5), uvs)
+    rgba = np.random.default_rng(1).integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    px = frames.rgba8_to_blender_pixels(rgba)
+    assert px.dtype == np.float32 and np.allclose(px.reshape(3, 4, 4)[0], rgba[2] / 255)  # bottom row first
+    assert np.array_equal(frames.blender_pixels_to_rgba8(px, 4, 3), rgba)
+
+
+def test_triangle_loops_and_fit_size():
+    loops, starts, totals = frames.triangle_loops(np.array([[0, 1, 2], [2, 1, 3]]))
+    assert loops.tolist() == [0, 1, 2, 2, 1, 3] and starts.tolist() == [0, 3] and totals.tolist() == [3, 3]
+    assert frames.fit_size(np.array([[0, 0, 0], [2, 1, 0.5]]), 1.0) == pytest.approx(0.5)
+    assert frames.fit_size(np.zeros((3, 3)), 1.0) == 1.0
+
+
+def test_prompt_lists_name_the_source_and_the_reason():
+    assert library.parse_prompts("a\n\n# no\n  b  \n", "f.txt") == ["a", "b"]
+    with pytest.raises(library.LibraryError, match="f.txt: has no prompts"):
+        library.parse_prompts("# only a comment\n", "f.txt")
+    with pytest.raises(library.LibraryError, match="at most 1000"):
+        library.parse_prompts("x\n" * 1001, "big.txt")
+
+
+def test_catalogs_are_created_once_with_their_parents(tmp_path):
+    first = library.ensure_catalog(tmp_path, "PSD3D / Props")
+    again = library.ensure_catalog(tmp_path, "PSD3D/Props")
+    assert first == again
+    text = (tmp_path / library.CATALOG_FILE).read_text()
+    assert "VERSION 1" in text and f"{first}:PSD3D/Props:PSD3D-Props" in text
+    assert set(library.read_catalogs(tmp_path)) == {"PSD3D", "PSD3D/Props"}
+    with pytest.raises(library.LibraryError, match="catalog"):
+        library.ensure_catalog(tmp_path, "bad:name")
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, then renamed
+
+
+def test_tags_and_slugs():
+    assert library.asset_tags("psd", 3, "hpsv2.1", 0.25) == ["psd3d", "method:psd", "seed:3", "hpsv2.1:0.2500"]
+    assert library.slug("A  wooden chest, with iron!") == "a_wooden_chest_with_iron"
+    assert library.slug("!!!") == "prop"
