@@ -101,7 +101,7 @@ def apply_mesh(mesh: bpy.types.Mesh, positions: np.ndarray, faces: np.ndarray, u
     if scale != 1.0:
         co *= np.float32(scale)
     if mesh.get(TOPOLOGY_KEY) == topology_id and len(mesh.vertices) == len(co):
-        mesh.vertices.foreach_set("co", co.reshape(-1))
+        _attribute(mesh, "position", "FLOAT_VECTOR", "POINT").data.foreach_set("vector", co.reshape(-1))
         mesh.update()
         return "positions"
     loops, starts, _ = frames.triangle_loops(faces)
@@ -109,8 +109,9 @@ def apply_mesh(mesh: bpy.types.Mesh, positions: np.ndarray, faces: np.ndarray, u
     mesh.vertices.add(len(co))
     mesh.loops.add(len(loops))
     mesh.polygons.add(len(starts))
-    mesh.vertices.foreach_set("co", co.reshape(-1))
-    mesh.loops.foreach_set("vertex_index", loops)
+    # the attribute arrays are copied in bulk; MeshVertex.co / MeshLoop.vertex_index go item by item (10x slower)
+    _attribute(mesh, "position", "FLOAT_VECTOR", "POINT").data.foreach_set("vector", co.reshape(-1))
+    _attribute(mesh, ".corner_vert", "INT", "CORNER").data.foreach_set("value", loops)
     mesh.polygons.foreach_set("loop_start", starts)
     if uvs is not None:
         layer = mesh.uv_layers.get(UV_NAME) or mesh.uv_layers.new(name=UV_NAME)
@@ -121,12 +122,22 @@ def apply_mesh(mesh: bpy.types.Mesh, positions: np.ndarray, faces: np.ndarray, u
     return "full"
 
 
+def _attribute(mesh: bpy.types.Mesh, name: str, kind: str, domain: str):
+    return mesh.attributes.get(name) or mesh.attributes.new(name, kind, domain)
+
+
+_pixel_buffer = np.empty(0, np.float32)  # reused between texture snapshots (no 16 MiB allocation per 1024² texture)
+
+
 def apply_texture(image: bpy.types.Image, rgba: np.ndarray) -> None:
     """Write an (H,W,4) uint8 sRGB texture (row 0 at the top) into ``image`` in place."""
+    global _pixel_buffer
     h, w = rgba.shape[:2]
     if tuple(image.size) != (w, h):
         image.scale(w, h)
-    image.pixels.foreach_set(frames.rgba8_to_blender_pixels(rgba))
+    if _pixel_buffer.size != rgba.size:
+        _pixel_buffer = np.empty(rgba.size, np.float32)
+    image.pixels.foreach_set(frames.rgba8_to_blender_pixels(rgba, out=_pixel_buffer))
     image.update()
 
 

@@ -58,10 +58,12 @@ def uvs_to_gltf(loop_uvs: np.ndarray, n_faces: int) -> np.ndarray:
     return out
 
 
-def rgba8_to_blender_pixels(rgba: np.ndarray) -> np.ndarray:
-    """(H,W,4) uint8, row 0 at the top -> flat float32 pixels, row 0 at the bottom (``Image.pixels``)."""
-    flipped = np.ascontiguousarray(rgba[::-1])
-    return (flipped.reshape(-1).astype(np.float32) * np.float32(1.0 / 255.0))
+def rgba8_to_blender_pixels(rgba: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(H,W,4) uint8, row 0 at the top -> flat float32 pixels, row 0 at the bottom (``Image.pixels``),
+    in one pass; into ``out`` (float32, rgba.size) when given."""
+    out = np.empty(rgba.size, np.float32) if out is None else out
+    np.multiply(np.ascontiguousarray(rgba[::-1]).reshape(-1), np.float32(1.0 / 255.0), out=out, dtype=np.float32)
+    return out
 
 
 def blender_pixels_to_rgba8(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
