@@ -97,6 +97,19 @@ def test_register_and_unregister_leave_no_trace():
         assert connection.current() is None and connection.server_process() is None
 
 
+def test_preferences_defaults_reach_a_new_scene(addon):
+    pump = addon
+    p = bpy.context.preferences.addons[ADDON].preferences
+    pump.pump()  # the open scenes take the defaults as they are
+    p.default_method, p.default_reward, p.default_seed = "sds", "pickscore", 7
+    sc = bpy.data.scenes.new("fresh")
+    pump.pump()
+    assert (sc.psd3d.method, sc.psd3d.reward, sc.psd3d.seed) == ("sds", "pickscore", 7)
+    assert bpy.context.scene.psd3d.seed == 0  # a scene the artist already has keeps its settings
+    p.default_method, p.default_reward, p.default_seed = "psd", "hpsv2.1", 0
+    bpy.data.scenes.remove(sc)
+
+
 def test_generate_appears_at_the_cursor_and_its_texture_updates_in_place(addon, tmp_path):
     pump = addon
     s = settings("a red teapot")

@@ -32,11 +32,16 @@ def is_local(address: str) -> bool:
     return address.startswith(("ipc://", "inproc://", "tcp://127.", "tcp://localhost", "tcp://[::1]"))
 
 
+def curve_keys(p) -> tuple[str, str] | None:
+    """(client secret key file, server public key file) from the preferences, when CURVE is on."""
+    return (bpy.path.abspath(p.client_key), bpy.path.abspath(p.server_key)) if p.use_curve else None
+
+
 def session() -> Session:
     """The session for the address and keys in the preferences (made anew when they change)."""
     global _session, _session_key
     p = prefs()
-    curve = (bpy.path.abspath(p.client_key), bpy.path.abspath(p.server_key)) if p.use_curve else None
+    curve = curve_keys(p)
     key = (p.address, curve)
     if _session is None or _session.closed or key != _session_key:
         if _session is not None:

@@ -314,9 +314,8 @@ class PSD_OT_check_connection(_Op, bpy.types.Operator):
         from protocol.client import Client
 
         p = connection.prefs()
-        curve = (bpy.path.abspath(p.client_key), bpy.path.abspath(p.server_key)) if p.use_curve else None
-        try:
-            with Client(p.address, timeout=HELLO_TIMEOUT, curve=curve) as client:
+        try:  # a short blocking call: the artist pressed the button and waits for the answer
+            with Client(p.address, timeout=HELLO_TIMEOUT, curve=connection.curve_keys(p)) as client:
                 hello = client.hello()
         except (Psd3dError, OSError, ValueError) as exc:
             return self.fail(Exception(f"psd3d: no backend at {p.address}: {exc}"))

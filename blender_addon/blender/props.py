@@ -84,6 +84,14 @@ class PSD_Settings(bpy.types.PropertyGroup):
     catalog: StringProperty(name="Catalog", default="PSD3D/Props", description="Asset catalog path for batch results")
     jobs: CollectionProperty(type=PSD_JobItem)
     active_job: IntProperty(name="Active Job", default=0)
+    defaults_applied: BoolProperty(default=False, options={"HIDDEN"})
+
+    def apply_defaults(self, p) -> None:
+        """Once per scene: the method, reward, preset and seed from the add-on preferences."""
+        self.method, self.reward, self.seed = p.default_method, p.default_reward, p.default_seed
+        if p.default_preset in [item[0] for item in connection.preset_items()]:
+            self.preset = p.default_preset
+        self.defaults_applied = True
 
 
 CLASSES = (PSD_JobItem, PSD_Settings)

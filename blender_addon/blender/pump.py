@@ -45,6 +45,9 @@ def tick() -> float:
 
 def pump(budget: float = 0.0) -> float:
     """One tick: follow the open jobs, apply their new events. Returns the next interval."""
+    for sc in bpy.data.scenes:
+        if not sc.psd3d.defaults_applied:
+            sc.psd3d.apply_defaults(connection.prefs())
     open_jobs = [(sc, item) for sc, item in job_items() if item.active and item.job_id]
     sess = connection.current()
     if not open_jobs and sess is None:
