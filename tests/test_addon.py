@@ -257,6 +257,24 @@ def test_refine_selected_keeps_the_cubes_uvs_and_revert_restores_its_image(addon
     assert not bpy.ops.psd3d.revert.poll()
 
 
+def test_refine_a_mesh_without_uvs_unwraps_it_first(addon):
+    pump = addon
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=2, location=(0, 4, 0), calc_uvs=False)
+    ball = bpy.context.active_object
+    assert len(ball.data.uv_layers) == 0 and ball.active_material is None
+    s = settings("a marble ball", steps=4)
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.refine() == {"FINISHED"}
+    assert ball.data.uv_layers.active.name == "PSD UV" and len(ball.data.polygons) == 80
+    pump_until(pump, lambda: len(s.jobs) > n_jobs and jobs_settled(s))
+    item = s.jobs[-1]
+    assert item.state == "done", item.message
+    node = next(l.from_node for l in ball.active_material.node_tree.links if l.to_socket.name == "Base Color")
+    assert node.image == job_image(item) and job_image(item).get("psd3d_snapshots", 0) >= 2
+    assert bpy.ops.psd3d.revert() == {"FINISHED"}  # there was no image: the node goes
+    assert not any(l.to_socket.name == "Base Color" for l in ball.active_material.node_tree.links)
+
+
 def test_batch_of_three_prompts_makes_three_assets_in_a_saved_library(addon, tmp_path):
     pump = addon
     s = settings("", steps=4)

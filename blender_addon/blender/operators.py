@@ -130,8 +130,9 @@ class PSD_OT_generate(_Op, bpy.types.Operator):
 class PSD_OT_refine(_Op, bpy.types.Operator):
     bl_idname = "psd3d.refine"
     bl_label = "Refine Selected"
-    bl_description = ("Re-texture the active mesh with PSD: its UVs are kept, its texture is the start, and the "
-                      "result goes into a new image on its material (Revert puts the original back)")
+    bl_description = ("Re-texture the active mesh with PSD: its UVs are kept (a mesh without any is unwrapped first), "
+                      "its texture is the start, and the result goes into a new image on its material (Revert puts "
+                      "the original back)")
 
     @classmethod
     def poll(cls, context):
@@ -143,9 +144,13 @@ class PSD_OT_refine(_Op, bpy.types.Operator):
             fields = spec_fields(s)
             if not fields["prompt"]:
                 raise scene.SceneError("prompt: is empty; describe the texture to make")
+            if obj.mode != "OBJECT":
+                bpy.ops.object.mode_set(mode="OBJECT")  # edit-mode changes reach the mesh data
+            if scene.ensure_uvs(obj):
+                self.report({"INFO"}, f"psd3d: {obj.name} had no UV map; unwrapped it into 'PSD UV' (Smart UV Project)")
             arrays = scene.mesh_arrays(obj, context.evaluated_depsgraph_get())
             if "uvs" not in arrays:
-                raise scene.SceneError(f"{obj.name}: has no UV map; unwrap it first (UV > Smart UV Project)")
+                raise scene.SceneError(f"{obj.name}: its evaluated mesh has no UV map (a modifier removes it)")
             fields["cameras"] = camera_rig(context, s, np.array(obj.matrix_world.inverted()))
         except (scene.SceneError, Psd3dError) as exc:
             return self.fail(exc)

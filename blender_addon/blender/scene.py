@@ -180,6 +180,21 @@ def mesh_arrays(obj: bpy.types.Object, depsgraph) -> dict:
         evaluated.to_mesh_clear()
 
 
+def ensure_uvs(obj: bpy.types.Object) -> bool:
+    """Give a mesh without a UV map one (Smart UV Project into "PSD UV"), so the backend's texture
+    maps back onto the artist's own loops. Returns True when it unwrapped. The object ends in object mode."""
+    if obj.data.uv_layers:
+        return False
+    with bpy.context.temp_override(active_object=obj, object=obj, selected_objects=[obj],
+                                   selected_editable_objects=[obj]):
+        bpy.ops.object.mode_set(mode="EDIT")
+        bpy.ops.mesh.select_all(action="SELECT")
+        obj.data.uv_layers.new(name="PSD UV")
+        bpy.ops.uv.smart_project(island_margin=0.02)
+        bpy.ops.object.mode_set(mode="OBJECT")
+    return True
+
+
 # -- refine: a new image on the selected object's material, and back ------------------------------
 def attach_refine_image(obj: bpy.types.Object, job: str, width: int, height: int) -> bpy.types.Image:
     """Give the object's material a new image (for the refine job's texture) on Base Color, keeping the
