@@ -115,6 +115,11 @@ class Session:
     def closed(self) -> bool:
         return self.socket is None
 
+    @property
+    def busy(self) -> bool:
+        """Jobs still followed, or replies still awaited (other than a heartbeat)."""
+        return any(not f.finished for f in self.jobs.values()) or any(p.kind != "ping" for p in self._pending.values())
+
     # -- requests --------------------------------------------------------------------------------
     def request(self, kind: str, body: dict | None = None, arrays: dict | None = None,
                 on_reply: OnReply | None = None, on_error: OnError | None = None,

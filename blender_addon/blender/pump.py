@@ -59,9 +59,11 @@ def pump(budget: float = 0.0) -> float:
     changed = False
     for job_event in sess.poll(budget):
         changed |= apply(job_event)
+    for job in [job for job, followed in sess.jobs.items() if followed.finished]:
+        sess.unfollow(job)
     if changed:
         redraw()
-    return ACTIVE_INTERVAL if open_jobs or sess.jobs else IDLE_INTERVAL
+    return ACTIVE_INTERVAL if open_jobs or sess.busy else IDLE_INTERVAL
 
 
 def apply(job_event: JobEvent) -> bool:
