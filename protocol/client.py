@@ -34,6 +34,22 @@ class ConnectionLost(Psd3dError):
     code = "connection_lost"
 
 
+def dealer_socket(ctx: zmq.Context, address: str, curve: tuple[str, str] | None) -> zmq.Socket:
+    """A connected DEALER with our limits, ZMTP heartbeats and, when ``curve`` names
+    (this client's ``.key_secret``, the server's public ``.key``), CURVE encryption."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # ZMTP pings: a dead server is noticed by libzmq too
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+    if curve is not None:
+        public, secret = zmq.auth.load_certificate(curve[0])
+        server_key, _ = zmq.auth.load_certificate(curve[1])
+        sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
+    sock.connect(address)
+    return sock
+
+
 class Client:
     def __init__(self, address: str = "tcp://127.0.0.1:5557", timeout: float = 10.0,
                  curve: tuple[str, str] | None = None) -> None:
@@ -48,16 +64,7 @@ class Client:
     def _connect(self) -> None:
         if self.socket is not None:
             self.socket.close(0)
-        self.socket = self.ctx.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # ZMTP pings: a dead server is noticed by libzmq too
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        if self.curve is not None:
-            public, secret = zmq.auth.load_certificate(self.curve[0])
-            server_key, _ = zmq.auth.load_certificate(self.curve[1])
-            self.socket.curve_secretkey, self.socket.curve_publickey, self.socket.curve_serverkey = secret, public, server_key
-        self.socket.connect(self.address)
+        self.socket = dealer_socket(self.ctx, self.address, self.curve)
 
     def close(self) -> None:
         if self.socket is not None:

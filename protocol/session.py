@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
-import zmq.auth
 
-from protocol.client import ConnectionLost, ServerError
+from protocol.client import ConnectionLost, ServerError, dealer_socket
 from protocol.events import Done, Failed, MeshSnapshot
 from protocol.messages import EXACTLY_ONCE, message_to_event
-from protocol.wire import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
+from protocol.wire import Message, ProtocolError, decode, encode
 
 OnReply = Callable[[Message], None]
 OnError = Callable[[Exception], None]
@@ -48,7 +47,7 @@ class Followed:
 
     job: str
     last: int = 0  # the last exactly-once seq delivered
-    subscribed: bool = False  # a subscribe reply arrived since the last (re)connect
+    subscribed: bool = False  # a subscribe reply arrived (cleared when the server turns out to have lost it)
     finished: bool = False
 
 
@@ -63,7 +62,6 @@ class JobEvent:
 class SessionState:
     connected: bool = False  # the last ping (or any reply) came back
     last_reply: float = 0.0
-    server: dict = field(default_factory=dict)  # the hello reply, once it came
 
 
 class Session:
@@ -73,34 +71,14 @@ class Session:
         self.address, self.curve = address, curve
         self.heartbeat, self.timeout, self.texture_encoding = heartbeat, timeout, texture_encoding
         self.ctx = zmq.Context.instance()
-        self.socket: zmq.Socket | None = None
         self.state = SessionState()
         self.jobs: dict[str, Followed] = {}
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count(1)
         self._last_ping = 0.0
         self._orphans: list[JobEvent] = []  # failures made up for jobs the server does not know
-        self._connect()
-
-    # -- socket ----------------------------------------------------------------------------------
-    def _connect(self) -> None:
-        if self.socket is not None:
-            self.socket.close(0)
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 200)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if self.curve is not None:
-            public, secret = zmq.auth.load_certificate(self.curve[0])
-            server_key, _ = zmq.auth.load_certificate(self.curve[1])
-            sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
-        sock.connect(self.address)
-        self.socket = sock
-        for followed in self.jobs.values():
-            followed.subscribed = False
+        # one socket for the session's life: ZeroMQ reconnects it and the ping repairs subscriptions
+        self.socket: zmq.Socket | None = dealer_socket(self.ctx, address, curve)
 
     def close(self) -> None:
         if self.socket is not None:
