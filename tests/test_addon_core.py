@@ -49,6 +49,12 @@ def test_uvs_and_pixels_flip_and_round_trip():
     px = frames.rgba8_to_blender_pixels(rgba)
     assert px.dtype == np.float32 and np.allclose(px.reshape(3, 4, 4)[0], rgba[2] / 255)  # bottom row first
     assert np.array_equal(frames.blender_pixels_to_rgba8(px, 4, 3), rgba)
+    tall = np.random.default_rng(2).integers(0, 256, (2 * frames.PIXEL_CHUNK_ROWS + 3, 5, 4), dtype=np.uint8)
+    expected = (tall[::-1].reshape(-1) / np.float32(255)).astype(np.float32)  # across chunk boundaries
+    assert np.allclose(frames.rgba8_to_blender_pixels(tall), expected, atol=1e-7)
+    big = np.random.default_rng(3).integers(0, 256, (700, 513, 4), dtype=np.uint8)  # banded on threads
+    expected = (big[::-1].reshape(-1) / np.float32(255)).astype(np.float32)
+    assert np.allclose(frames.rgba8_to_blender_pixels(big), expected, atol=1e-7)
 
 
 def test_triangle_loops_and_fit_size():

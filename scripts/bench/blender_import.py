@@ -2,11 +2,14 @@
 """Applying a backend snapshot in headless Blender (the ``bpy`` module): our in-place writes
 (``blender_addon.blender.scene``) vs the obvious alternative, the received GLB written to a temp
 file and imported with ``bpy.ops.import_scene.gltf``. A 50,562-face mesh (25,600 vertices, per-corner
-UVs) and a 1024^2 RGBA uint8 texture; medians of 9 interleaved rounds after a warm-up, in ms.
+UVs) and a 1024^2 RGBA uint8 texture; medians of 15 interleaved rounds after a warm-up, in ms.
 
 The importer packs the PNG and decodes it lazily, when the image is first drawn or read; the gltf
 baseline forces that decode (``image.size``) so both sides end with pixels ready to show. The lazy
-number is printed too. Targets: texture >= 10x, positions >= 20x, full >= 2x faster than gltf.
+number is printed too. So is Blender's own share of (a), ``Image.pixels.foreach_set`` of ready float
+pixels (its float -> byte loop in ``rna_Image_pixels_set``, which no 4.5 Python API avoids): the
+floor of any in-place texture write. Targets: texture >= 10x, positions >= 20x, full >= 2x faster
+than gltf.
 
     .venv/bin/python scripts/bench/blender_import.py
 """
@@ -29,10 +32,11 @@ import trimesh  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from blender_addon.blender import scene  # noqa: E402
+from blender_addon.core import frames  # noqa: E402
 
 GRID = 160  # a GRID x GRID vertex sphere patch: 2 * (GRID - 1)^2 = 50,562 triangles
 SIDE = 1024
-REPEATS = 9
+REPEATS = 15
 DATA = ("objects", "meshes", "materials", "images", "textures", "node_groups", "collections")
 
 
@@ -121,8 +125,10 @@ def main() -> None:
         assert scene.apply_mesh(mesh, moved[0], faces, corner_uvs, topology_id=next(counter)) == "full"
         scene.apply_texture(image, rgba)
 
+    ready = frames.rgba8_to_blender_pixels(rgba)
     ms = medians_ms({"gltf_lazy": gltf_import(glb, decode=False), "gltf": gltf_import(glb, decode=True),
-                     "texture": lambda: scene.apply_texture(image, rgba), "positions": positions, "full": full},
+                     "texture": lambda: scene.apply_texture(image, rgba),
+                     "pixels_set": lambda: image.pixels.foreach_set(ready), "positions": positions, "full": full},
                     {"gltf_lazy": cleanup, "gltf": cleanup})
     assert len(mesh.polygons) == len(faces) and len(mesh.uv_layers[scene.UV_NAME].uv) == 3 * len(faces)
 
@@ -131,6 +137,7 @@ def main() -> None:
     rows = [("gltf: temp file + import_scene.gltf (PNG decoded lazily)", "gltf_lazy"),
             ("gltf: temp file + import_scene.gltf + PNG decode", "gltf"),
             ("(a) texture snapshot in place", "texture"),
+            ("    of which Blender's Image.pixels.foreach_set alone", "pixels_set"),
             ("(b) positions snapshot in place (same topology)", "positions"),
             ("(c) mesh + texture snapshot, new topology", "full")]
     for label, key in rows:
