@@ -48,6 +48,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def describe_device() -> str:
+    """What jobs run on, for the server's hello: "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"."""
+    device = default_device()
+    return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})" if device.type == "cuda" else "cpu"
+
+
 def load_models(models, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModels:
     """``models`` is a :class:`backend.presets.ModelSet`. fp16 for the prior on CUDA, fp32 on CPU."""
     device = device or default_device()

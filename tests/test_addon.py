@@ -110,6 +110,31 @@ def test_preferences_defaults_reach_a_new_scene(addon):
     bpy.data.scenes.remove(sc)
 
 
+def test_check_connection_reports_the_hello_without_blocking(addon, monkeypatch):
+    from blender_addon.blender import connection
+
+    t0 = time.monotonic()
+    assert bpy.ops.psd3d.check_connection() == {"FINISHED"}
+    assert time.monotonic() - t0 < 0.5 and connection.link.state == "checking"  # returned before any answer
+    pump_until(addon, lambda: connection.link.state != "checking", timeout=30)
+    assert connection.link.state == "ok", connection.link.text
+    assert "tiny" in connection.offered()["presets"] and "protocol 1" in connection.link.text
+    assert connection.offered()["version"] and connection.offered()["device"]
+    # nobody at the address: the failure arrives through the pump, Blender never waits for it
+    p = bpy.context.preferences.addons[ADDON].preferences
+    address, p.address = p.address, "ipc:///tmp/psd3d-nobody-listens.sock"
+    monkeypatch.setattr(connection, "HELLO_TIMEOUT", 0.5)
+    try:
+        assert bpy.ops.psd3d.check_connection() == {"FINISHED"}
+        pump_until(addon, lambda: connection.link.state != "checking", timeout=10)
+        assert connection.link.state == "failed" and "nobody-listens" in connection.link.text
+        assert not connection.offered()
+    finally:
+        p.address = address
+    bpy.ops.psd3d.check_connection()
+    pump_until(addon, lambda: connection.link.state == "ok", timeout=30)
+
+
 def test_generate_appears_at_the_cursor_and_its_texture_updates_in_place(addon, tmp_path):
     pump = addon
     s = settings("a red teapot")

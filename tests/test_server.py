@@ -289,3 +289,45 @@ def test_a_batch_becomes_one_job_per_prompt(server):
         with pytest.raises(ServerError) as err:
             client.request("submit", {"pipeline": "image2d", "spec": {}, "prompts": ["a cup", ""]})
         assert err.value.field == "prompts[1]"
+
+
+class GatedServer(Server):
+    """A server whose tokenizer loads only when the test opens the gate."""
+
+    gate = threading.Event()
+
+    @staticmethod
+    def load_tokenizer(preset):
+        GatedServer.gate.wait(60)
+        return Server.load_tokenizer(preset)
+
+
+def test_a_submit_waiting_for_its_tokenizer_does_not_stall_the_loop(tmp_path, tiny):
+    srv = GatedServer(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=("tiny",))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(srv.endpoint)
+    try:
+        from protocol.wire import Message, decode, encode
+
+        sock.send_multipart(encode(Message("submit", "a", {"pipeline": "image2d", "spec": {"prompt": "a cup", "steps": 2}})))
+        sock.send_multipart(encode(Message("submit", "b", {"pipeline": "image2d", "spec": {"prompt": "x " * 200}})))
+        sock.send_multipart(encode(Message("ping", "c", {})))
+        assert sock.poll(5000), "the ping got no answer while the tokenizer loads"
+        first = decode(sock.recv_multipart())
+        assert first.id == "c" and first.type == "ok"  # answered while both submits wait
+        assert not sock.poll(300)
+        GatedServer.gate.set()
+        replies = {}
+        while len(replies) < 2:
+            assert sock.poll(30000), "the parked submits were never answered"
+            msg = decode(sock.recv_multipart())
+            replies[msg.id] = msg
+        assert replies["a"].type == "ok" and len(replies["a"].body["jobs"]) == 1
+        assert replies["b"].type == "error" and replies["b"].body["field"] == "prompt"  # too long, still refused
+    finally:
+        sock.close(0)
+        srv.stop()
+        thread.join(15)

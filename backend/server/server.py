@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 import queue
-from collections import OrderedDict
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,6 +37,25 @@ MAX_LATEST_SNAPSHOTS = 48  # snapshots kept in memory for resubscribing clients
 SEND_HWM = 1000  # messages queued per peer before sends to it are dropped
 MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
 RESULT_FILES = ("out.glb", "preview.png", "image.png", "metrics.json", "reward_curve.png", "negative_embedding.pt")
+
+
+def backend_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("psd3d")
+    except PackageNotFoundError:  # run from a source tree without an install
+        return "unknown"
+
+
+@dataclass
+class _Parked:
+    """A valid submit waiting for its presets' tokenizers (loaded off the loop) before it is acknowledged."""
+
+    peer: bytes
+    msg: Message
+    specs: list
+    batch: bool
 
 
 def check_bind(address: str, keys: Path | None) -> None:
@@ -85,7 +106,11 @@ class Server:
         # keep every job's texture in memory (the job folder keeps latest_* files on disk)
         self.latest: OrderedDict[tuple[str, str], Message] = OrderedDict()
         self.dropped = 0
-        self._tokenizers: dict = {}
+        # preset -> its tokenizer, loaded on a thread: the loop answers pings and hellos meanwhile
+        self._tokenizers: dict[str, Future] = {}
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="psd3d-tokenizer")
+        self._parked: list[_Parked] = []
+        self._device: Future | None = None  # what jobs run on, learned off the loop (importing torch is slow)
         self.encodings: dict[bytes, str] = {}  # peer -> "raw" | "png" | "auto" for image snapshots
         self._png_cache: dict[int, Message] = {}
         self._stop = threading.Event()
@@ -138,7 +163,8 @@ class Server:
     def on_hello(self, peer, msg):
         from protocol.specs import METHODS, REWARDS
 
-        return ok(msg, {"protocol": PROTOCOL_VERSION, "server": "psd3d", "presets": list(self.presets),
+        return ok(msg, {"protocol": PROTOCOL_VERSION, "server": "psd3d", "version": backend_version(),
+                        "device": self._device_name(), "presets": list(self.presets),
                         "methods": list(METHODS), "rewards": list(REWARDS), "pipelines": ["image2d", "generate", "refine"]})
 
     def on_submit(self, peer, msg):
@@ -159,11 +185,68 @@ class Server:
             if ne and self.store.is_job_id(ne):  # a finished job's learned n, by id
                 spec.negative_embedding = str(self.store.folder(ne) / "negative_embedding.pt")
             spec.validate(self.presets)
-            self._check_tokens(spec)
-        batch = uuid.uuid4().hex if prompts is not None else None
-        ids = [self.store.create(body["pipeline"], spec.to_dict(), batch) for spec in specs]
+            self._check_files(spec)
+        parked = _Parked(peer, msg, specs, prompts is not None)
+        if not all(self.tokenizer(spec.preset).done() for spec in specs):
+            self._parked.append(parked)  # acknowledged by ``resume_parked`` once they are loaded
+            return None
+        return self._accept(parked)
+
+    def _accept(self, parked: _Parked) -> Message:
+        """Check the prompts' token lengths and create the jobs (all or none)."""
+        from backend.psd.prior import check_prompt_tokens
+
+        for spec in parked.specs:
+            tokenizer = self._tokenizers[spec.preset].result()  # a failed load raises its explanation here
+            check_prompt_tokens(tokenizer, spec.prompt, "prompt")
+            if spec.negative_prompt:
+                check_prompt_tokens(tokenizer, spec.negative_prompt, "negative_prompt")
+        batch = uuid.uuid4().hex if parked.batch else None
+        pipeline = parked.msg.body["pipeline"]
+        ids = [self.store.create(pipeline, spec.to_dict(), batch) for spec in parked.specs]
         self.executor.notify()
-        return ok(msg, {"jobs": ids, "batch": batch})
+        return ok(parked.msg, {"jobs": ids, "batch": batch})
+
+    def resume_parked(self) -> None:
+        """Acknowledge (or refuse) the parked submits whose tokenizers are now loaded."""
+        waiting = []
+        for parked in self._parked:
+            if not all(self._tokenizers[spec.preset].done() for spec in parked.specs):
+                waiting.append(parked)
+                continue
+            try:
+                reply = self._accept(parked)
+            except Psd3dError as exc:
+                reply = error(parked.msg.id, exc)
+            except Exception as exc:  # a bug: answer, keep serving
+                reply = error(parked.msg.id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+            self._send(parked.peer, reply)
+        self._parked = waiting
+
+    def _device_name(self) -> str:
+        if self._device is None:
+            from backend.models import describe_device
+
+            self._device = self._loader.submit(describe_device)
+        return self._device.result() if self._device.done() and not self._device.exception() else "starting"
+
+    def tokenizer(self, preset: str) -> Future:
+        """The preset's tokenizer, loading (once) on the loader thread."""
+        if preset not in self._tokenizers:
+            self._tokenizers[preset] = self._loader.submit(self.load_tokenizer, preset)
+        return self._tokenizers[preset]
+
+    @staticmethod
+    def load_tokenizer(preset: str):
+        """The prior's tokenizer alone (without the models); builds the tiny models on first use."""
+        from backend.presets import get_preset
+        from backend.psd.prior import load_tokenizer
+        from backend.psd.tiny import ensure_tiny_models
+
+        models = get_preset(preset).models
+        if models.build_tiny:
+            ensure_tiny_models()
+        return load_tokenizer(models.prior)
 
     def _store_upload(self, pipeline, spec_fields, arrays) -> dict:
         """Check an uploaded mesh, write it as a GLB under the data folder, and point the spec at it."""
@@ -180,18 +263,9 @@ class Server:
         path = save_glb(mesh, self.store.root / "uploads" / f"{uuid.uuid4().hex}.glb")
         return {**spec_fields, ("mesh" if pipeline == "refine" else "init_mesh"): str(path)}
 
-    def _check_tokens(self, spec) -> None:
-        """Prompt lengths by the preset's own tokenizer (loaded once per preset, without the models)."""
-        from backend.presets import get_preset
-        from backend.psd.prior import check_prompt_tokens, load_tokenizer
-        from backend.psd.tiny import ensure_tiny_models
-
-        if spec.preset not in self._tokenizers:
-            models = get_preset(spec.preset).models
-            if models.build_tiny:
-                ensure_tiny_models()
-            self._tokenizers[spec.preset] = load_tokenizer(models.prior)
-        for name in ("mesh", "init_mesh", "negative_embedding"):  # only files inside the data folder
+    def _check_files(self, spec) -> None:
+        """Files a spec names must be inside the data folder (an upload, a finished job's n)."""
+        for name in ("mesh", "init_mesh", "negative_embedding"):
             value = getattr(spec, name, None)
             if value:
                 path = Path(value).resolve()
@@ -199,10 +273,6 @@ class Server:
                     raise InvalidInputError(f"{name}: {value} is not a file in the server's data folder; upload the "
                                             f"mesh with the submit, or name a finished job for a negative embedding",
                                             field=name)
-        tokenizer = self._tokenizers[spec.preset]
-        check_prompt_tokens(tokenizer, spec.prompt, "prompt")
-        if spec.negative_prompt:
-            check_prompt_tokens(tokenizer, spec.negative_prompt, "negative_prompt")
 
     def on_status(self, peer, msg):
         return ok(msg, self.store.get(msg.body.get("job")).to_dict())
@@ -277,6 +347,12 @@ class Server:
 
     def serve_forever(self, poll_ms: int = 50) -> None:
         self.executor.start()
+        from backend.presets import get_preset
+
+        self._device_name()
+        # warm the served presets' tokenizers (a tiny one, which builds models, last): a first submit rarely waits
+        for preset in sorted(self.presets, key=lambda name: get_preset(name).models.build_tiny):
+            self.tokenizer(preset)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         last_refresh = time.monotonic()
@@ -290,6 +366,8 @@ class Server:
                             break
                         self.handle(peer.bytes, frames)
                 self.publish()
+                if self._parked:
+                    self.resume_parked()
                 if self.guard is not None and time.monotonic() - last_refresh > 1.0:
                     self.guard.refresh()
                     last_refresh = time.monotonic()
@@ -297,6 +375,7 @@ class Server:
             if self.guard is not None:
                 self.guard.stop()
             self.executor.stop()
+            self._loader.shutdown(wait=True, cancel_futures=True)
             self.socket.close(0)
             self.store.close()
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import bpy
 
 from protocol.session import Session
+from protocol.wire import Message
 
 _session: Session | None = None
 _session_key: tuple | None = None
@@ -18,6 +21,19 @@ _server: subprocess.Popen | None = None
 _offered: dict = {}  # the last hello reply
 _preset_items: list = []  # EnumProperty items must outlive the callback (a Blender requirement)
 DEFAULT_PRESETS = ("tiny", "sd21-draft", "sd21-paper")
+HELLO_TIMEOUT = 10.0  # a backend just started (Start Local Backend) answers once it has bound
+
+
+@dataclass
+class Link:
+    """What the add-on last learned of the backend: shown in the panel and the preferences."""
+
+    state: str = "unknown"  # unknown | checking | ok | failed
+    text: str = ""
+    since: float = 0.0
+
+
+link = Link()
 
 
 def addon_key() -> str:
@@ -48,7 +64,32 @@ def session() -> Session:
             _session.close()
         _session = Session(p.address, curve=curve, texture_encoding="raw" if is_local(p.address) else "auto")
         _session_key = key
+        check(_session)  # a new address: learn what it offers (presets for the panel) without waiting
     return _session
+
+
+def check(sess: Session | None = None) -> None:
+    """Send ``hello``; its answer (or the failure) lands in ``link`` and ``offered`` in a later poll."""
+    sess = sess or session()
+    address = sess.address
+
+    def ok(msg: Message) -> None:
+        set_offered(msg.body)
+        b = msg.body
+        _set_link("ok", f"{b.get('server')} (protocol {b.get('protocol')}) at {address}; "
+                        f"presets {', '.join(b.get('presets', []))}")
+
+    def failed(exc: Exception) -> None:
+        _offered.clear()
+        _set_link("failed", f"no backend at {address}: {exc}")
+        print(f"psd3d: {link.text}")
+
+    _set_link("checking", f"asking {address}...")
+    sess.request("hello", on_reply=ok, on_error=failed, timeout=HELLO_TIMEOUT)
+
+
+def _set_link(state: str, text: str) -> None:
+    link.state, link.text, link.since = state, text, time.monotonic()
 
 
 def current() -> Session | None:
@@ -110,3 +151,4 @@ def shutdown() -> None:
             _server.kill()
     _server = None
     _offered.clear()
+    _set_link("unknown", "")

@@ -14,7 +14,6 @@ from protocol.errors import Psd3dError
 from ..core import frames, library
 from . import connection, pump, scene
 
-HELLO_TIMEOUT = 5.0
 SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
 
 
@@ -313,20 +312,16 @@ class PSD_OT_remove_job(_Op, bpy.types.Operator):
 class PSD_OT_check_connection(_Op, bpy.types.Operator):
     bl_idname = "psd3d.check_connection"
     bl_label = "Check Connection"
-    bl_description = "Ask the backend for its version and what it offers (presets, methods, rewards)"
+    bl_description = ("Ask the backend for its version and what it offers (presets, methods, rewards); "
+                      "the answer appears below without blocking Blender")
 
     def execute(self, context):
-        from protocol.client import Client
-
-        p = connection.prefs()
-        try:  # a short blocking call: the artist pressed the button and waits for the answer
-            with Client(p.address, timeout=HELLO_TIMEOUT, curve=connection.curve_keys(p)) as client:
-                hello = client.hello()
-        except (Psd3dError, OSError, ValueError) as exc:
-            return self.fail(Exception(f"psd3d: no backend at {p.address}: {exc}"))
-        connection.set_offered(hello)
-        self.report({"INFO"}, f"psd3d: {hello.get('server')} protocol {hello.get('protocol')} at {p.address}; presets "
-                              f"{', '.join(hello.get('presets', []))}")
+        try:
+            connection.check()
+        except (Psd3dError, OSError, ValueError) as exc:  # a malformed address or unreadable CURVE keys
+            return self.fail(Exception(f"address: {exc}"))
+        ensure_timer()
+        self.report({"INFO"}, f"psd3d: {connection.link.text}")
         return {"FINISHED"}
 
 
@@ -346,6 +341,8 @@ class PSD_OT_start_server(_Op, bpy.types.Operator):
         data = Path(bpy.path.abspath(p.data_dir))
         data.mkdir(parents=True, exist_ok=True)
         proc = connection.start_server(exe, p.address, str(data), data / "serve.log")
+        connection.check()  # answered once the backend has bound its address
+        ensure_timer()
         self.report({"INFO"}, f"psd3d: backend started (pid {proc.pid}); log in {data / 'serve.log'}")
         return {"FINISHED"}
 

@@ -53,8 +53,20 @@ class PSD_PT_main(_Panel, bpy.types.Panel):
         row.scale_y = 1.4
         row.operator("psd3d.generate", icon="MESH_MONKEY")
         row.operator("psd3d.refine", icon="TEXTURE")
-        if not connection.offered():
-            layout.operator("psd3d.check_connection", icon="LINKED")
+        if connection.link.state != "ok":
+            draw_link(layout)
+
+
+LINK_ICONS = {"unknown": "LINKED", "checking": "TIME", "ok": "CHECKMARK", "failed": "ERROR"}
+
+
+def draw_link(layout) -> None:
+    """The backend's state as the add-on last learned it, and the button to ask again."""
+    link = connection.link
+    row = layout.row()
+    row.operator("psd3d.check_connection", icon="LINKED", text="" if link.text else "Check Connection")
+    if link.text:
+        row.label(text=link.text, icon=LINK_ICONS[link.state])
 
 
 class PSD_PT_cameras(_Panel, bpy.types.Panel):

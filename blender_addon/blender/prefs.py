@@ -5,7 +5,7 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
-from . import connection
+from . import connection, panel
 from .props import METHOD_ITEMS, REWARD_ITEMS
 
 
@@ -41,10 +41,8 @@ class PSD_Preferences(bpy.types.AddonPreferences):
         row = col.row()
         row.operator("psd3d.check_connection", icon="LINKED")
         row.operator("psd3d.start_server", icon="PLAY")
-        offered = connection.offered()
-        if offered:
-            col.label(text=f"{offered.get('server')} protocol {offered.get('protocol')}: presets "
-                           f"{', '.join(offered.get('presets', []))}", icon="CHECKMARK")
+        if connection.link.text:
+            col.label(text=connection.link.text, icon=panel.LINK_ICONS[connection.link.state])
         col.prop(self, "psd3d_path")
         col.prop(self, "data_dir")
         box = layout.box()

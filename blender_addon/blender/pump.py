@@ -56,12 +56,13 @@ def pump(budget: float = 0.0) -> float:
     for _, item in open_jobs:
         if item.job_id not in sess.jobs:
             sess.follow(item.job_id, after=item.last_seq)
+    link_since = connection.link.since
     changed = False
     for job_event in sess.poll(budget):
         changed |= apply(job_event)
     for job in [job for job, followed in sess.jobs.items() if followed.finished]:
         sess.unfollow(job)
-    if changed:
+    if changed or connection.link.since != link_since:
         redraw()
     return ACTIVE_INTERVAL if open_jobs or sess.busy else IDLE_INTERVAL
 
@@ -127,7 +128,7 @@ def redraw() -> None:
         return
     for window in wm.windows:
         for area in window.screen.areas:
-            if area.type in ("VIEW_3D", "STATUSBAR", "IMAGE_EDITOR"):
+            if area.type in ("VIEW_3D", "STATUSBAR", "IMAGE_EDITOR", "PREFERENCES"):
                 area.tag_redraw()
 
 
