@@ -283,6 +283,41 @@ def test_refine_selected_keeps_the_cubes_uvs_and_revert_restores_its_image(addon
     assert not bpy.ops.psd3d.revert.poll()
 
 
+def test_refine_sends_a_rotated_scaled_object_as_seen_with_rigid_scene_cameras(addon):
+    from mathutils import Euler, Matrix
+
+    from blender_addon.blender import operators, scene
+
+    mesh = bpy.data.meshes.new("Slab")
+    mesh.from_pydata([(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], [],
+                     [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)])
+    slab = bpy.data.objects.new("Slab", mesh)
+    bpy.context.scene.collection.objects.link(slab)
+    slab.location, slab.rotation_euler, slab.scale = (5, 0, 0), Euler((0, 0, np.pi / 2)), (2, 1, 1)
+    cam = bpy.data.objects.new("Side Cam", bpy.data.cameras.new("Side Cam"))
+    bpy.context.scene.collection.objects.link(cam)
+    cam.matrix_world = Matrix.Translation((5, -10, 0)) @ Euler((np.pi / 2, 0, 0)).to_matrix().to_4x4()
+    cam.scale = (3, 3, 3)  # an artist's scaled camera still sees the same view
+    bpy.context.view_layer.update()
+    try:
+        arrays = scene.mesh_arrays(slab, bpy.context.evaluated_depsgraph_get(), np.array(slab.matrix_world.to_3x3()))
+        extent = arrays["positions"].max(0) - arrays["positions"].min(0)
+        assert np.allclose(extent, [2, 2, 4], atol=1e-5)  # world x 2, up 2, world y (glTF -z) 4: rotated, scaled
+        s = bpy.context.scene.psd3d
+        s.camera_mode = "SCENE"
+        to_frame = np.eye(4)
+        to_frame[:3, 3] = -np.array(slab.matrix_world.translation)
+        rig = operators.camera_rig(bpy.context, s, to_frame)
+        c2w = np.array(rig["matrices"][[o.name for o in bpy.context.scene.objects if o.type == "CAMERA"].index("Side Cam")]).reshape(4, 4)
+        assert np.allclose(c2w[:3, 3], [0, 0, 10], atol=1e-5)  # 10 m in front of the slab (glTF +z)
+        assert np.allclose(c2w[:3, :3] @ c2w[:3, :3].T, np.eye(3), atol=1e-6)  # rigid despite the scale
+        assert np.allclose(c2w[:3, :3] @ [0, 0, -1], [0, 0, -1], atol=1e-6)  # looking at it
+    finally:
+        bpy.context.scene.psd3d.camera_mode = "ORBIT"
+        bpy.data.objects.remove(cam)
+        bpy.data.objects.remove(slab)
+
+
 def test_refine_a_mesh_without_uvs_unwraps_it_first(addon):
     pump = addon
     bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=2, location=(0, 4, 0), calc_uvs=False)

@@ -32,6 +32,24 @@ def test_a_blender_camera_becomes_a_gltf_camera_looking_the_same_way():
     assert np.allclose(shifted[:3, 3], [-2, 0, 5])  # into the frame of an object at x = 2
 
 
+def test_a_scaled_camera_object_gives_a_rigid_camera():
+    c2w = np.array([[1, 0, 0, 0], [0, 0, -1, -5], [0, 1, 0, 0], [0, 0, 0, 1]], np.float64)
+    scaled = c2w @ np.diag([2.0, 0.5, 3.0, 1.0])  # the camera object scaled (2, 0.5, 3)
+    g = frames.camera_to_gltf(scaled, np.eye(4))
+    assert np.allclose(g[:3, :3] @ g[:3, :3].T, np.eye(3)) and np.isclose(np.linalg.det(g[:3, :3]), 1.0)
+    assert np.allclose(g, frames.camera_to_gltf(c2w, np.eye(4)))  # the same view as the unscaled camera
+
+
+def test_square_renders_cover_the_whole_camera_frame():
+    ax = np.radians(60)
+    assert frames.square_fov_degrees("AUTO", ax, 0.0, 100, 100) == pytest.approx(60)
+    assert frames.square_fov_degrees("AUTO", ax, 0.0, 200, 100) == pytest.approx(60)  # wide: its horizontal fov
+    assert frames.square_fov_degrees("AUTO", ax, 0.0, 100, 200) == pytest.approx(60)  # tall: its vertical fov
+    fov_y = frames.fov_y_degrees("VERTICAL", ax, np.radians(40), 200, 100)
+    wide = np.degrees(2 * np.arctan(np.tan(np.radians(fov_y) / 2) * 2))
+    assert frames.square_fov_degrees("VERTICAL", ax, np.radians(40), 200, 100) == pytest.approx(wide)
+
+
 def test_vertical_field_of_view_follows_blenders_sensor_fit():
     ax = np.radians(60)
     assert frames.fov_y_degrees("AUTO", ax, 0.0, 100, 100) == pytest.approx(60)

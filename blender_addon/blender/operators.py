@@ -43,7 +43,7 @@ def camera_rig(context, s, world_to_local: np.ndarray) -> dict:
     for cam in cams:
         m = frames.camera_to_gltf(np.array(cam.matrix_world), world_to_local)
         matrices.append([float(v) for v in m.reshape(-1)])
-        fovs.append(frames.fov_y_degrees(cam.data.sensor_fit, cam.data.angle_x, cam.data.angle_y, w, h))
+        fovs.append(frames.square_fov_degrees(cam.data.sensor_fit, cam.data.angle_x, cam.data.angle_y, w, h))
     return {"matrices": matrices, "fov_y": fovs}
 
 
@@ -147,10 +147,15 @@ class PSD_OT_refine(_Op, bpy.types.Operator):
                 bpy.ops.object.mode_set(mode="OBJECT")  # edit-mode changes reach the mesh data
             if scene.ensure_uvs(obj):
                 self.report({"INFO"}, f"psd3d: {obj.name} had no UV map; unwrapped it into 'PSD UV' (Smart UV Project)")
-            arrays = scene.mesh_arrays(obj, context.evaluated_depsgraph_get())
+            # the mesh goes with the object's rotation and scale applied, about its origin: scene cameras stay
+            # rigid in that frame (a scaled object would otherwise scale them) and orbits keep the world's up
+            linear = np.array(obj.matrix_world.to_3x3())
+            arrays = scene.mesh_arrays(obj, context.evaluated_depsgraph_get(), linear)
             if "uvs" not in arrays:
                 raise scene.SceneError(f"{obj.name}: its evaluated mesh has no UV map (a modifier removes it)")
-            fields["cameras"] = camera_rig(context, s, np.array(obj.matrix_world.inverted()))
+            to_frame = np.eye(4)
+            to_frame[:3, 3] = -np.array(obj.matrix_world.translation)
+            fields["cameras"] = camera_rig(context, s, to_frame)
         except (scene.SceneError, Psd3dError) as exc:
             return self.fail(exc)
         scene_name, obj_name = context.scene.name, obj.name

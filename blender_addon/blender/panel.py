@@ -86,6 +86,8 @@ class PSD_PT_cameras(_Panel, bpy.types.Panel):
         else:
             n = sum(1 for o in context.scene.objects if o.type == "CAMERA")
             layout.label(text=f"{n} camera(s) in the scene", icon="CAMERA_DATA" if n else "ERROR")
+            if n:
+                layout.label(text="Square views cover each camera's whole frame", icon="INFO")
 
 
 class PSD_PT_batch(_Panel, bpy.types.Panel):

@@ -149,9 +149,10 @@ def image_rgba8(image: bpy.types.Image) -> np.ndarray:
 
 
 # -- reading the artist's mesh -----------------------------------------------------------------
-def mesh_arrays(obj: bpy.types.Object, depsgraph) -> dict:
-    """The object's evaluated mesh (modifiers applied), triangulated, in its local frame as glTF arrays:
-    positions, faces, and with an active UV map per-corner uvs, with a base-colour image the texture."""
+def mesh_arrays(obj: bpy.types.Object, depsgraph, linear: np.ndarray | None = None) -> dict:
+    """The object's evaluated mesh (modifiers applied), triangulated, as glTF arrays: positions (in its
+    local frame, or mapped by the 3x3 ``linear`` first), faces, and with an active UV map per-corner
+    uvs, with a base-colour image the texture."""
     evaluated = obj.evaluated_get(depsgraph)
     me = evaluated.to_mesh()
     try:
@@ -163,7 +164,8 @@ def mesh_arrays(obj: bpy.types.Object, depsgraph) -> dict:
         me.vertices.foreach_get("co", co)
         tri_verts = np.empty(n_tris * 3, np.int32)
         me.loop_triangles.foreach_get("vertices", tri_verts)
-        arrays = {"positions": frames.points_to_gltf(co.reshape(-1, 3)),
+        co = co.reshape(-1, 3) if linear is None else co.reshape(-1, 3) @ np.asarray(linear, np.float32).T
+        arrays = {"positions": frames.points_to_gltf(co),
                   "faces": tri_verts.reshape(-1, 3)}
         layer = me.uv_layers.active
         if layer is not None:

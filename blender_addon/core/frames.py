@@ -29,12 +29,21 @@ def points_to_gltf(p: np.ndarray) -> np.ndarray:
 
 
 def camera_to_gltf(blender_c2w: np.ndarray, world_to_local: np.ndarray) -> np.ndarray:
-    """A Blender camera's 4x4 camera-to-world matrix -> DESIGN.md's convention: camera-to-world in the
-    glTF frame of the mesh being worked on (``world_to_local``: the inverse of that object's Blender
-    world matrix). Blender cameras already look down their local -Z with +Y up, as OpenGL's do, so
-    only the world changes."""
+    """A Blender camera's 4x4 camera-to-world matrix -> DESIGN.md's convention: a rigid camera-to-world
+    in the glTF frame of the mesh being worked on (``world_to_local``: rigid, world -> that frame).
+    Blender cameras already look down their local -Z with +Y up, as OpenGL's do, so only the world
+    changes; a scaled (or sheared, through its parents) camera object keeps its nearest rotation."""
     m = BLENDER_TO_GLTF @ np.asarray(world_to_local, np.float64) @ np.asarray(blender_c2w, np.float64)
+    m[:3, :3] = nearest_rotation(m[:3, :3])
+    m[3] = (0.0, 0.0, 0.0, 1.0)
     return m
+
+
+def nearest_rotation(a: np.ndarray) -> np.ndarray:
+    """The rotation closest to a 3x3 matrix (polar decomposition by SVD; a reflection is undone)."""
+    u, _, vt = np.linalg.svd(np.asarray(a, np.float64))
+    d = np.sign(np.linalg.det(u @ vt)) or 1.0
+    return u @ np.diag([1.0, 1.0, d]) @ vt
 
 
 def fov_y_degrees(sensor_fit: str, angle_x: float, angle_y: float, width: int, height: int) -> float:
@@ -45,6 +54,14 @@ def fov_y_degrees(sensor_fit: str, angle_x: float, angle_y: float, width: int, h
     if sensor_fit == "VERTICAL" or (sensor_fit == "AUTO" and height > width):
         return float(np.degrees(angle_y if sensor_fit == "VERTICAL" else angle_x))
     return float(np.degrees(2 * np.arctan(np.tan(angle_x / 2) / aspect)))
+
+
+def square_fov_degrees(sensor_fit: str, angle_x: float, angle_y: float, width: int, height: int) -> float:
+    """The field of view of a square render that holds a Blender camera's whole width x height frame:
+    the backend renders square views, so a wide camera's horizontal (a tall one's vertical) extent."""
+    fov_y = np.radians(fov_y_degrees(sensor_fit, angle_x, angle_y, width, height))
+    fov_x = 2 * np.arctan(np.tan(fov_y / 2) * width / height)
+    return float(np.degrees(max(fov_x, fov_y)))
 
 
 def uvs_to_blender(uvs: np.ndarray) -> np.ndarray:
