@@ -3,27 +3,27 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from protocol.errors import NumericalError
-from protocol.events import MeshSnapshot, Progress
+from protocol.events import MeshSnapshot
 from backend.files import atomic_torch_save
 from backend.geometry.dmtet import TetGrid, marching_tets
 from backend.geometry.sdf import normal_consistency, sdf_sign_entropy
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
-from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
+from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller, StepOutput
 from backend.psd.guidance import distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import AnnealedSchedule
 from backend.render.camera import OrbitSpec
+from backend.pipelines.stage import DistillationStage
 from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.render.ops import RasterContext
 from backend.render.shading import rasterize_views, render_lambertian, render_normals
@@ -57,7 +57,8 @@ class GeometrySettings:
     checkpoint_every: int = 200
 
 
-class GeometryStage:
+class GeometryStage(DistillationStage):
+    name = "geometry"
     CHECKPOINT = "checkpoints/geometry.pt"
 
     def __init__(self, models: LoadedModels, prompt: str, negative_init: torch.Tensor, sdf_init: torch.Tensor,
@@ -114,38 +115,30 @@ class GeometryStage:
         self.log.steps, self.step = state["metrics"], state["step"]
         return True
 
-    def run(self, total: int, should_stop: Callable[[], bool]) -> Iterator:
+    def update(self, total: int) -> tuple[torch.Tensor, StepOutput, dict]:
         s = self.settings
+        verts, faces = self.extract()
+        cams, y = self.views.sample(self.cameras, s.views, self.generator)
+        frags = rasterize_views(self.ctx, verts, faces.int(), cams)
+        if float(torch.rand(1, generator=self.generator)) < s.normal_render_probability:
+            images = render_normals(self.ctx, frags, verts, faces, torch.ones(3, device=self.device))
+        else:
+            light = F.normalize(cams[0].c2w[:3, 3].to(self.device) + torch.randn(3, generator=self.generator).to(self.device) * 0.5, dim=0)
+            images = render_lambertian(self.ctx, frags, verts, faces, light)
         prior = self.models.prior
-        while self.step < total:
-            if should_stop():
-                return
-            start = time.perf_counter()
-            verts, faces = self.extract()
-            cams, y = self.views.sample(self.cameras, s.views, self.generator)
-            frags = rasterize_views(self.ctx, verts, faces.int(), cams)
-            if float(torch.rand(1, generator=self.generator)) < s.normal_render_probability:
-                images = render_normals(self.ctx, frags, verts, faces, torch.ones(3, device=self.device))
-            else:
-                light = F.normalize(cams[0].c2w[:3, 3].to(self.device) + torch.randn(3, generator=self.generator).to(self.device) * 0.5, dim=0)
-                images = render_lambertian(self.ctx, frags, verts, faces, light)
-            t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
-            x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
-            out = self.distiller.step(x_c, t, self.step, y=y)
-            loss = distillation_loss(x_c, out.grad)
-            if s.normal_consistency_weight > 0:
-                loss = loss + s.normal_consistency_weight * normal_consistency(verts, faces)
-            if s.sdf_sign_weight > 0:
-                loss = loss + s.sdf_sign_weight * sdf_sign_entropy(self.sdf, self.grid.tets)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            record = self.log.add(self.step - 1, int(t[0]), seconds=time.perf_counter() - start, stage="geometry",
-                                  faces=int(faces.shape[0]))
-            yield Progress(self.step, total, "geometry", record)
-            if self.step % s.snapshot_every == 0 or self.step == total:
-                with torch.no_grad():
-                    yield self.snapshot(*self.extract())
-            if self.step % s.checkpoint_every == 0:
-                self.save_checkpoint()
+        t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
+        x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
+        out = self.distiller.step(x_c, t, self.step, y=y)
+        loss = distillation_loss(x_c, out.grad)
+        if s.normal_consistency_weight > 0:
+            loss = loss + s.normal_consistency_weight * normal_consistency(verts, faces)
+        if s.sdf_sign_weight > 0:
+            loss = loss + s.sdf_sign_weight * sdf_sign_entropy(self.sdf, self.grid.tets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return t, out, {"faces": int(faces.shape[0])}
+
+    def snapshot_event(self) -> MeshSnapshot:
+        with torch.no_grad():
+            return self.snapshot(*self.extract())

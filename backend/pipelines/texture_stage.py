@@ -7,25 +7,24 @@ is checkpointed atomically, so a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from protocol.events import Progress, TextureSnapshot
+from protocol.events import TextureSnapshot
 from backend.files import atomic_torch_save
 from backend.geometry.mesh import Mesh
 from backend.geometry.uv import UVTexture, dilate, uv_coverage
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
-from backend.psd.distill import GuidanceConfig, ScoreDistiller
+from backend.psd.distill import GuidanceConfig, ScoreDistiller, StepOutput
 from backend.psd.guidance import distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import AnnealedSchedule
 from backend.render.camera import OrbitSpec
+from backend.pipelines.stage import DistillationStage
 from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.render.ops import RasterContext
 from backend.render.shading import rasterize_views, render_albedo
@@ -52,7 +51,8 @@ class TextureSettings:
     checkpoint_every: int = 100
 
 
-class TextureStage:
+class TextureStage(DistillationStage):
+    name = "texture"
     CHECKPOINT = "checkpoints/texture.pt"
 
     def __init__(self, models: LoadedModels, mesh: Mesh, prompt: str, negative_init: torch.Tensor,
@@ -139,26 +139,18 @@ class TextureStage:
         return np.concatenate([rgb, alpha], axis=2)
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, total: int, should_stop: Callable[[], bool]) -> Iterator:
+    def update(self, total: int) -> tuple[torch.Tensor, StepOutput, dict]:
         s = self.settings
         prior = self.models.prior
-        while self.step < total:
-            if should_stop():
-                return
-            start = time.perf_counter()
-            cams, y = self.views.sample(self.cameras, s.views, self.generator)
-            t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
-            images = self.render(cams)
-            x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
-            out = self.distiller.step(x_c, t, self.step, y=y)
-            self.optimizer.zero_grad(set_to_none=True)
-            distillation_loss(x_c, out.grad).backward()
-            self.optimizer.step()
-            self.step += 1
-            record = self.log.add(self.step - 1, int(t[0]), out.reward_w, out.reward_l, out.beta_r, time.perf_counter() - start,
-                                  stage="texture")
-            yield Progress(self.step, total, "texture", record)
-            if self.step % s.snapshot_every == 0 or self.step == total:
-                yield TextureSnapshot(self.step, self.texture_rgba())
-            if self.step % s.checkpoint_every == 0:
-                self.save_checkpoint()
+        cams, y = self.views.sample(self.cameras, s.views, self.generator)
+        t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
+        images = self.render(cams)
+        x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
+        out = self.distiller.step(x_c, t, self.step, y=y)
+        self.optimizer.zero_grad(set_to_none=True)
+        distillation_loss(x_c, out.grad).backward()
+        self.optimizer.step()
+        return t, out, {}
+
+    def snapshot_event(self) -> TextureSnapshot:
+        return TextureSnapshot(self.step, self.texture_rgba())
