@@ -64,20 +64,26 @@ def session() -> Session:
             _session.close()
         _session = Session(p.address, curve=curve, texture_encoding="raw" if is_local(p.address) else "auto")
         _session_key = key
-        check(_session)  # a new address: learn what it offers (presets for the panel) without waiting
+        _hello(_session)  # a new address: learn what it offers (presets for the panel) without waiting
     return _session
 
 
-def check(sess: Session | None = None) -> None:
-    """Send ``hello``; its answer (or the failure) lands in ``link`` and ``offered`` in a later poll."""
-    sess = sess or session()
+def check() -> None:
+    """Ask the backend in the preferences for its hello (once: a fresh session has already asked);
+    the answer, or the failure, lands in ``link`` and ``offered`` in a later poll."""
+    sess = session()
+    if link.state != "checking":
+        _hello(sess)
+
+
+def _hello(sess: Session) -> None:
     address = sess.address
 
     def ok(msg: Message) -> None:
         set_offered(msg.body)
         b = msg.body
-        _set_link("ok", f"{b.get('server')} (protocol {b.get('protocol')}) at {address}; "
-                        f"presets {', '.join(b.get('presets', []))}")
+        _set_link("ok", f"{b.get('server')} {b.get('version', '')} on {b.get('device', '?')} (protocol "
+                        f"{b.get('protocol')}) at {address}; presets {', '.join(b.get('presets', []))}")
 
     def failed(exc: Exception) -> None:
         _offered.clear()
