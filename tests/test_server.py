@@ -331,3 +331,32 @@ def test_a_submit_waiting_for_its_tokenizer_does_not_stall_the_loop(tmp_path, ti
         sock.close(0)
         srv.stop()
         thread.join(15)
+
+
+class FlakyServer(Server):
+    """A server whose first tokenizer load fails (model files missing), the next succeeds."""
+
+    calls = 0
+
+    @staticmethod
+    def load_tokenizer(preset):
+        FlakyServer.calls += 1
+        if FlakyServer.calls == 1:
+            raise InvalidInputError("preset.prior: tokenizer files missing", field="preset")
+        return Server.load_tokenizer(preset)
+
+
+def test_a_failed_tokenizer_load_is_explained_and_retried(tmp_path, tiny):
+    srv = FlakyServer(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=("tiny",))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client(srv.endpoint, timeout=60) as client:
+            with pytest.raises(ServerError) as refused:
+                client.submit("image2d", {"prompt": "a cup", "steps": 1})
+            assert refused.value.field == "preset" and "missing" in refused.value.message
+            (job,) = client.submit("image2d", {"prompt": "a cup", "steps": 1})  # loaded again: accepted
+            assert client.status(job)["state"] in ("queued", "running", "done")
+    finally:
+        srv.stop()
+        thread.join(15)

@@ -197,7 +197,11 @@ class Server:
         from backend.psd.prior import check_prompt_tokens
 
         for spec in parked.specs:
-            tokenizer = self._tokenizers[spec.preset].result()  # a failed load raises its explanation here
+            loading = self._tokenizers[spec.preset]
+            if loading.exception() is not None:  # explain it, and try again on the next submit (files may be fixed)
+                del self._tokenizers[spec.preset]
+                raise loading.exception()
+            tokenizer = loading.result()
             check_prompt_tokens(tokenizer, spec.prompt, "prompt")
             if spec.negative_prompt:
                 check_prompt_tokens(tokenizer, spec.negative_prompt, "negative_prompt")
