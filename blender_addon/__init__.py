@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from .blender import connection, operators, panel, prefs, props, pump
+from .blender import connection, operators, panel, prefs, props, pump, results
 
 CLASSES = (*props.CLASSES, *prefs.CLASSES, *operators.CLASSES, *panel.CLASSES)
 
@@ -37,6 +37,7 @@ def unregister() -> None:
         bpy.app.handlers.load_post.remove(_on_load)
     bpy.types.STATUSBAR_HT_header.remove(panel.draw_status)
     connection.shutdown()
+    results.clear()
     props.unregister_properties()
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

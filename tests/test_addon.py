@@ -3,6 +3,7 @@ subprocess over ZeroMQ: no mocks of bpy or of the backend."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,10 +40,11 @@ def backend(tmp_path_factory, psd3d_home):
 
 
 @pytest.fixture(scope="module")
-def addon(backend):
+def addon(backend, tmp_path_factory):
     bpy.ops.wm.read_factory_settings(use_empty=False)
     addon_utils.enable(ADDON, default_set=True)
     bpy.context.preferences.addons[ADDON].preferences.address = backend
+    bpy.context.preferences.addons[ADDON].preferences.results_dir = str(tmp_path_factory.mktemp("results"))
     from blender_addon.blender import connection, pump
 
     yield pump
@@ -78,7 +80,7 @@ def job_image(item):
 
 
 def test_register_and_unregister_leave_no_trace():
-    from blender_addon.blender import connection, panel, pump
+    from blender_addon.blender import connection, panel, pump, results
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     before_types = {name for name in dir(bpy.types) if name.startswith("PSD_")}
@@ -88,6 +90,8 @@ def test_register_and_unregister_leave_no_trace():
         assert hasattr(bpy.types.Scene, "psd3d") and bpy.app.timers.is_registered(pump.tick)
         assert hasattr(bpy.types, "PSD_PT_main") and bpy.ops.psd3d.generate.poll() in (True, False)
         connection.session()  # open a socket, as a first job would
+        item = type("Item", (), {"results_dir": str(ROOT / "docs" / "img")})()
+        assert results.preview(item, "blender_tiny_generate.png") is not None  # a previews collection, as the panel makes
         addon_utils.disable(ADDON)
         assert not hasattr(bpy.types.Scene, "psd3d")
         assert {name for name in dir(bpy.types) if name.startswith("PSD_")} == before_types
@@ -95,6 +99,7 @@ def test_register_and_unregister_leave_no_trace():
         assert len(bpy.app.handlers.load_post) == before_handlers
         assert panel.draw_status not in bpy.types.STATUSBAR_HT_header._dyn_ui_initialize()
         assert connection.current() is None and connection.server_process() is None
+        assert results._previews is None
 
 
 def test_preferences_defaults_reach_a_new_scene(addon):
@@ -163,6 +168,18 @@ def test_generate_appears_at_the_cursor_and_its_texture_updates_in_place(addon, 
     assert links and links[0].from_node.type == "TEX_IMAGE" and links[0].to_node.type == "BSDF_PRINCIPLED"
     image = links[0].from_node.image
     assert image.colorspace_settings.name == "sRGB" and image.packed_file is not None
+
+    # the job's files arrive without blocking and land in the results folder; the panel shows its pictures
+    from blender_addon.blender import results
+
+    pump_until(pump, lambda: bool(item.results_dir))
+    folder = Path(item.results_dir)
+    assert folder.parent == Path(bpy.context.preferences.addons[ADDON].preferences.results_dir)
+    assert (folder / "out.glb").read_bytes()[:4] == b"glTF"
+    assert json.loads((folder / "metrics.json").read_text())["steps"]
+    assert all((folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in results.PICTURES)
+    assert not list(folder.glob(".*.tmp"))  # written through temporary files, none left over
+    assert all(results.preview(item, name).image_size[0] > 0 for name in results.PICTURES)  # loaded for the panel
 
     assert pump.pump() == pump.IDLE_INTERVAL  # nothing left to follow: the timer slows down
     assert len(seen) >= 3, f"only {len(seen)} texture snapshots arrived"

@@ -12,7 +12,7 @@ import bpy
 import numpy as np
 
 from ..core import library
-from . import connection, scene
+from . import scene
 
 BATCH_KEY = "psd3d_batch"  # on a batch's collection
 SPACING = 1.5  # metres between props of a batch (in units of their size)
@@ -48,7 +48,7 @@ def library_blend(item) -> Path:
 
 def finish_batch_job(sc: bpy.types.Scene, item, final: dict) -> None:
     """Mark the job's object as an asset and save the batch's library .blend; the preview follows
-    when the result arrives (it is fetched without blocking)."""
+    when the job's results arrive (``results.fetch``, without blocking)."""
     obj = scene.job_object(item.job_id)
     if obj is None:
         return
@@ -64,17 +64,13 @@ def finish_batch_job(sc: bpy.types.Scene, item, final: dict) -> None:
         if tag not in data.tags:
             data.tags.new(tag)
     save_library(item.batch, library_blend(item))
-    job = item.job_id
-    connection.session().request("result", {"job": job}, on_reply=lambda msg: _preview_arrived(job, msg),
-                                 on_error=lambda exc: print(f"psd3d: no preview for {job[:8]}: {exc}"), timeout=60)
 
 
-def _preview_arrived(job: str, msg) -> None:
-    png = msg.arrays.get(PREVIEW_FILE)
+def preview_arrived(job: str, png: bytes) -> None:
     obj = scene.job_object(job)
-    if png is None or obj is None:
+    if obj is None:
         return
-    set_preview(obj, png.tobytes())
+    set_preview(obj, png)
     from .pump import find_job
 
     _, item = find_job(job)

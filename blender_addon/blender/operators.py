@@ -12,7 +12,7 @@ import numpy as np
 from protocol.errors import Psd3dError
 
 from ..core import frames, library
-from . import connection, pump, scene
+from . import connection, pump, results, scene
 
 SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
 
@@ -64,7 +64,7 @@ def submit(kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
 
     def failed(exc):
         print(f"psd3d: {kind} refused: {exc}")
-        _report_later(f"psd3d: {kind} refused: {exc}")
+        report_later(f"psd3d: {kind} refused: {exc}")
 
     connection.session().request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
     ensure_timer()
@@ -73,7 +73,7 @@ def submit(kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
 _messages: list[str] = []  # errors that arrive in the pump, shown in the panel (a timer cannot report)
 
 
-def _report_later(text: str) -> None:
+def report_later(text: str) -> None:
     _messages.append(text)
     del _messages[:-5]
 
@@ -240,7 +240,7 @@ class _JobControl(_Op):
         item = _selected_job(context)
         job = item.job_id
         connection.session().request(self.request, {"job": job},
-                                     on_error=lambda exc: _report_later(f"psd3d: {self.request} {job[:8]}: {exc}"))
+                                     on_error=lambda exc: report_later(f"psd3d: {self.request} {job[:8]}: {exc}"))
         ensure_timer()
         self.report({"INFO"}, f"psd3d: {self.request} {job[:8]}")
         return {"FINISHED"}
@@ -314,6 +314,38 @@ class PSD_OT_remove_job(_Op, bpy.types.Operator):
         return {"FINISHED"}
 
 
+class PSD_OT_fetch_results(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.fetch_results"
+    bl_label = "Fetch Results"
+    bl_description = "Download the selected finished job's files (GLB, preview, reward curve, metrics) into the results folder"
+
+    @classmethod
+    def poll(cls, context):
+        item = _selected_job(context)
+        return item is not None and item.state == "done"
+
+    def execute(self, context):
+        item = _selected_job(context)
+        results.fetch(item.job_id)
+        ensure_timer()
+        self.report({"INFO"}, f"psd3d: fetching the results of {item.job_id[:8]} into {results.job_folder(item)}")
+        return {"FINISHED"}
+
+
+class PSD_OT_open_results(_Op, bpy.types.Operator):
+    bl_idname = "psd3d.open_results"
+    bl_label = "Open Results Folder"
+    bl_description = "Show the selected job's files in the system's file browser"
+
+    @classmethod
+    def poll(cls, context):
+        item = _selected_job(context)
+        return item is not None and bool(item.results_dir) and Path(item.results_dir).is_dir()
+
+    def execute(self, context):
+        return bpy.ops.wm.path_open(filepath=_selected_job(context).results_dir)
+
+
 class PSD_OT_check_connection(_Op, bpy.types.Operator):
     bl_idname = "psd3d.check_connection"
     bl_label = "Check Connection"
@@ -353,4 +385,5 @@ class PSD_OT_start_server(_Op, bpy.types.Operator):
 
 
 CLASSES = (PSD_OT_generate, PSD_OT_refine, PSD_OT_batch, PSD_OT_cancel, PSD_OT_finish, PSD_OT_revert,
-           PSD_OT_use_negative, PSD_OT_remove_job, PSD_OT_check_connection, PSD_OT_start_server)
+           PSD_OT_use_negative, PSD_OT_remove_job, PSD_OT_fetch_results, PSD_OT_open_results, PSD_OT_check_connection,
+           PSD_OT_start_server)

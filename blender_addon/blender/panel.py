@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import connection, operators, pump
+from . import connection, operators, pump, results
 from .props import STATE_ICONS
 
 
@@ -122,6 +122,8 @@ class PSD_PT_jobs(_Panel, bpy.types.Panel):
                 layout.progress(factor=frac, type="BAR", text=f"{item.stage or item.state} {item.step}/{item.total}")
             if item.message:
                 layout.label(text=item.message, icon="ERROR")
+            if item.state == "done":
+                draw_results(layout, item)
         row = layout.row(align=True)
         row.operator("psd3d.cancel", icon="CANCEL")
         row.operator("psd3d.finish", icon="PAUSE")
@@ -131,6 +133,22 @@ class PSD_PT_jobs(_Panel, bpy.types.Panel):
         row.operator("psd3d.remove_job", text="", icon="X")
         for text in operators.messages():
             layout.label(text=text, icon="ERROR")
+
+
+def draw_results(layout, item) -> None:
+    """The finished job's pictures (turntable preview, reward curve) and where its files are."""
+    box = layout.box()
+    icons = [(name, results.icon(item, name)) for name in results.PICTURES]
+    if not any(icon for _, icon in icons):
+        box.operator("psd3d.fetch_results", icon="IMPORT")
+        return
+    row = box.row()
+    for name, icon in icons:
+        if icon:
+            col = row.column()
+            col.template_icon(icon_value=icon, scale=6.0)
+            col.label(text=name.removesuffix(".png").replace("_", " "))
+    box.operator("psd3d.open_results", icon="FILE_FOLDER")
 
 
 def draw_status(self, context):

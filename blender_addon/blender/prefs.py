@@ -24,6 +24,9 @@ class PSD_Preferences(bpy.types.AddonPreferences):
                                description="Path of the `psd3d` command for a local backend (empty: search PATH)")
     data_dir: StringProperty(name="Local Data Folder", subtype="DIR_PATH", default="~/.local/share/psd3d",
                              description="Job store of a backend started from here")
+    results_dir: StringProperty(name="Results Folder", subtype="DIR_PATH", default="//psd3d_results",
+                                description="Where finished jobs' files go (GLB, preview, reward curve, metrics); "
+                                            "// is the .blend's folder (an unsaved file: the local data folder)")
     default_preset: StringProperty(name="Preset", default="tiny")
     default_method: EnumProperty(name="Method", items=METHOD_ITEMS, default="psd")
     default_reward: EnumProperty(name="Reward", items=REWARD_ITEMS, default="hpsv2.1")
@@ -45,6 +48,7 @@ class PSD_Preferences(bpy.types.AddonPreferences):
             col.label(text=connection.link.text, icon=panel.LINK_ICONS[connection.link.state])
         col.prop(self, "psd3d_path")
         col.prop(self, "data_dir")
+        col.prop(self, "results_dir")
         box = layout.box()
         box.label(text="Defaults for new scenes")
         row = box.row()

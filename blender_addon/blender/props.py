@@ -45,6 +45,8 @@ class PSD_JobItem(bpy.types.PropertyGroup):
     location: FloatVectorProperty(name="Location", size=3, subtype="TRANSLATION",
                                   description="Where the prop appears (the 3D cursor when submitted)")
     index: IntProperty(name="Index", description="Position in its batch")
+    results_dir: StringProperty(name="Results", subtype="DIR_PATH",
+                                description="Where the job's files (GLB, preview, reward curve, metrics) were saved")
 
     @property
     def active(self) -> bool:

@@ -13,7 +13,7 @@ from protocol.events import Done, Failed, MeshSnapshot, Progress, TextureSnapsho
 from protocol.session import JobEvent
 
 from ..core import frames
-from . import assets, connection, scene
+from . import assets, connection, results, scene
 
 ACTIVE_INTERVAL = 0.05  # seconds between ticks while jobs run
 IDLE_INTERVAL = 1.0
@@ -105,6 +105,7 @@ def apply(job_event: JobEvent) -> bool:
             image.pack()  # a generated image is kept in the .blend only when packed
         if item.batch:
             assets.finish_batch_job(sc, item, event.final)
+        results.fetch(item.job_id)
     elif isinstance(event, Failed):
         item.state = "cancelled" if event.code == "cancelled" else ("lost" if event.code == "unknown_job" else "failed")
         item.message = f"[{event.code}] {event.message}"
