@@ -228,13 +228,25 @@ def _selected_job(context):
     return None
 
 
-class _JobControl(_Op):
-    request = ""
+class _OnSelectedJob(_Op):
+    """An operator on the job selected in the list, available when ``accepts`` it."""
 
     @classmethod
     def poll(cls, context):
         item = _selected_job(context)
-        return item is not None and item.active
+        return item is not None and cls.accepts(item)
+
+    @staticmethod
+    def accepts(item) -> bool:
+        return True
+
+
+class _JobControl(_OnSelectedJob):
+    request = ""
+
+    @staticmethod
+    def accepts(item) -> bool:
+        return item.active
 
     def execute(self, context):
         item = _selected_job(context)
@@ -279,15 +291,16 @@ class PSD_OT_revert(_Op, bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PSD_OT_use_negative(_Op, bpy.types.Operator):
+class _OnFinishedJob(_OnSelectedJob):
+    @staticmethod
+    def accepts(item) -> bool:
+        return item.state == "done"
+
+
+class PSD_OT_use_negative(_OnFinishedJob, bpy.types.Operator):
     bl_idname = "psd3d.use_negative"
     bl_label = "Reuse Its Negative Embedding"
     bl_description = "Start the next jobs from the negative embedding the selected finished job learned"
-
-    @classmethod
-    def poll(cls, context):
-        item = _selected_job(context)
-        return item is not None and item.state == "done"
 
     def execute(self, context):
         s = context.scene.psd3d
@@ -295,14 +308,10 @@ class PSD_OT_use_negative(_Op, bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PSD_OT_remove_job(_Op, bpy.types.Operator):
+class PSD_OT_remove_job(_OnSelectedJob, bpy.types.Operator):
     bl_idname = "psd3d.remove_job"
     bl_label = "Remove From List"
     bl_description = "Forget the selected job in this file (its object and the backend's files stay)"
-
-    @classmethod
-    def poll(cls, context):
-        return _selected_job(context) is not None
 
     def execute(self, context):
         s = context.scene.psd3d
@@ -314,15 +323,10 @@ class PSD_OT_remove_job(_Op, bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PSD_OT_fetch_results(_Op, bpy.types.Operator):
+class PSD_OT_fetch_results(_OnFinishedJob, bpy.types.Operator):
     bl_idname = "psd3d.fetch_results"
     bl_label = "Fetch Results"
     bl_description = "Download the selected finished job's files (GLB, preview, reward curve, metrics) into the results folder"
-
-    @classmethod
-    def poll(cls, context):
-        item = _selected_job(context)
-        return item is not None and item.state == "done"
 
     def execute(self, context):
         item = _selected_job(context)
@@ -332,15 +336,14 @@ class PSD_OT_fetch_results(_Op, bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PSD_OT_open_results(_Op, bpy.types.Operator):
+class PSD_OT_open_results(_OnSelectedJob, bpy.types.Operator):
     bl_idname = "psd3d.open_results"
     bl_label = "Open Results Folder"
     bl_description = "Show the selected job's files in the system's file browser"
 
-    @classmethod
-    def poll(cls, context):
-        item = _selected_job(context)
-        return item is not None and bool(item.results_dir) and Path(item.results_dir).is_dir()
+    @staticmethod
+    def accepts(item) -> bool:
+        return bool(item.results_dir) and Path(item.results_dir).is_dir()
 
     def execute(self, context):
         return bpy.ops.wm.path_open(filepath=_selected_job(context).results_dir)
