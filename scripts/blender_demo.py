@@ -31,7 +31,8 @@ def main() -> int:
     bpy.ops.wm.read_factory_settings(use_empty=False)
     bpy.data.objects.remove(bpy.data.objects["Cube"])
     addon_utils.enable("blender_addon", default_set=True)
-    bpy.context.preferences.addons["blender_addon"].preferences.address = args.server
+    prefs = bpy.context.preferences.addons["blender_addon"].preferences
+    prefs.address, prefs.results_dir = args.server, str(args.out.resolve().parent / "psd3d_results")
     from blender_addon.blender import operators, pump
 
     s = bpy.context.scene.psd3d
@@ -48,6 +49,9 @@ def main() -> int:
             print(f"\r{s.jobs[0].state} {shown[0]} {shown[1]}/{s.jobs[0].total}  ", end="", file=sys.stderr)
     item = s.jobs[0]
     print(f"\n{item.state} in {time.monotonic() - t0:.0f} s, reward {item.reward:.4f}", file=sys.stderr)
+    while item.state == "done" and not item.results_dir and not operators.messages():
+        pump.pump(0.05)  # the job's files (GLB, preview, reward curve, metrics) come next
+    print(f"results in {item.results_dir}", file=sys.stderr)
     scene = bpy.context.scene
     cam = bpy.data.objects["Camera"]
     cam.location, cam.rotation_euler = (2.0, -2.0, 1.5), (1.1, 0.0, 0.785)
