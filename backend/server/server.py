@@ -48,6 +48,14 @@ def backend_version() -> str:
         return "unknown"
 
 
+def error_reply(request_id: str, exc: Exception) -> Message:
+    """A raised error as the reply: ours as they are (code, field, message); anything else is a bug,
+    answered as ``internal`` so the client is not left waiting."""
+    if isinstance(exc, Psd3dError):
+        return error(request_id, exc)
+    return error(request_id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
 @dataclass
 class _Parked:
     """A valid submit waiting for its presets' tokenizers (loaded off the loop) before it is acknowledged."""
@@ -147,10 +155,8 @@ class Server:
             if msg.type not in REQUESTS:
                 raise ProtocolError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
             reply = getattr(self, f"on_{msg.type}")(peer, msg)
-        except Psd3dError as exc:
-            reply = error(request_id, exc)
-        except Exception as exc:  # a bug: answer, log, keep serving
-            reply = error(request_id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # every request gets a reply; the loop keeps serving
+            reply = error_reply(request_id, exc)
         if reply is not None:
             self._send(peer, reply)
 
@@ -220,10 +226,8 @@ class Server:
                 continue
             try:
                 reply = self._accept(parked)
-            except Psd3dError as exc:
-                reply = error(parked.msg.id, exc)
-            except Exception as exc:  # a bug: answer, keep serving
-                reply = error(parked.msg.id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+            except Exception as exc:
+                reply = error_reply(parked.msg.id, exc)
             self._send(parked.peer, reply)
         self._parked = waiting
 
@@ -232,7 +236,9 @@ class Server:
             from backend.models import describe_device
 
             self._device = self._loader.submit(describe_device)
-        return self._device.result() if self._device.done() and not self._device.exception() else "starting"
+        if not self._device.done():
+            return "starting"
+        return "unknown" if self._device.exception() else self._device.result()
 
     def tokenizer(self, preset: str) -> Future:
         """The preset's tokenizer, loading (once) on the loader thread."""
