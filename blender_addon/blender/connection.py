@@ -86,6 +86,8 @@ def _hello(sess: Session) -> None:
                         f"{b.get('protocol')}) at {address}; presets {', '.join(b.get('presets', []))}")
 
     def failed(exc: Exception) -> None:
+        if sess.closed:  # replaced (a new address) or shut down: not an answer about the backend
+            return
         _offered.clear()
         _set_link("failed", f"no backend at {address}: {exc}")
         print(f"psd3d: {link.text}")

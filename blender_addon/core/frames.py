@@ -97,13 +97,22 @@ def rgba8_to_blender_pixels(rgba: np.ndarray, out: np.ndarray | None = None) -> 
     dst = out.reshape(h, -1)
     parts = PIXEL_THREADS if rgba.size >= 4 * PIXEL_THREAD_MIN else 1
     bounds = [h * i // parts for i in range(parts + 1)]
-    threads = [threading.Thread(target=_flip_scale_rows, args=(src, dst, lo, hi), daemon=True)
-               for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    errors: list[BaseException] = []
+
+    def band(lo: int, hi: int) -> None:
+        try:
+            _flip_scale_rows(src, dst, lo, hi)
+        except BaseException as exc:  # re-raised on the calling thread: never a half-written buffer in silence
+            errors.append(exc)
+
+    threads = [threading.Thread(target=band, args=bounds_pair, daemon=True) for bounds_pair in zip(bounds[1:-1], bounds[2:])]
     for thread in threads:
         thread.start()
     _flip_scale_rows(src, dst, bounds[0], bounds[1])
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     return out
 
 
