@@ -320,6 +320,17 @@ def test_refine_sends_a_rotated_scaled_object_as_seen_with_rigid_scene_cameras(a
         arrays = scene.mesh_arrays(slab, bpy.context.evaluated_depsgraph_get(), np.array(slab.matrix_world.to_3x3()))
         extent = arrays["positions"].max(0) - arrays["positions"].min(0)
         assert np.allclose(extent, [2, 2, 4], atol=1e-5)  # world x 2, up 2, world y (glTF -z) 4: rotated, scaled
+
+        def faces_out(a) -> bool:
+            tri = a["positions"][a["faces"]]
+            normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+            return bool((np.einsum("ij,ij->i", normal, tri.mean(1) - a["positions"].mean(0)) > 0).all())
+
+        assert faces_out(arrays)
+        slab.scale = (-2, 1, 1)  # mirrored: the winding is reversed with it, the faces still face out
+        bpy.context.view_layer.update()
+        mirrored = scene.mesh_arrays(slab, bpy.context.evaluated_depsgraph_get(), np.array(slab.matrix_world.to_3x3()))
+        assert faces_out(mirrored) and np.allclose(mirrored["positions"].max(0) - mirrored["positions"].min(0), [2, 2, 4])
         s = bpy.context.scene.psd3d
         s.camera_mode = "SCENE"
         to_frame = np.eye(4)

@@ -38,6 +38,13 @@ def test_a_scaled_camera_object_gives_a_rigid_camera():
     g = frames.camera_to_gltf(scaled, np.eye(4))
     assert np.allclose(g[:3, :3] @ g[:3, :3].T, np.eye(3)) and np.isclose(np.linalg.det(g[:3, :3]), 1.0)
     assert np.allclose(g, frames.camera_to_gltf(c2w, np.eye(4)))  # the same view as the unscaled camera
+    for mirror in ([-1.0, 1, 1], [-2.0, 1, 1], [1.0, -1, 1], [1.0, 1, -3]):  # mirrored (a rig scaled -1)
+        g = frames.camera_to_gltf(c2w @ np.diag([*mirror, 1.0]), np.eye(4))
+        assert np.isclose(np.linalg.det(g[:3, :3]), 1.0)
+        # the view direction and the up it renders with are the matrix's own -Z and +Y, unit length
+        m = (frames.BLENDER_TO_GLTF @ c2w @ np.diag([*mirror, 1.0]))[:3, :3]
+        assert np.allclose(g[:3, 2], m[:, 2] / np.linalg.norm(m[:, 2]))
+        assert np.allclose(g[:3, 1], m[:, 1] / np.linalg.norm(m[:, 1]))
 
 
 def test_square_renders_cover_the_whole_camera_frame():
@@ -70,6 +77,7 @@ def test_uvs_and_pixels_flip_and_round_trip():
     tall = np.random.default_rng(2).integers(0, 256, (2 * frames.PIXEL_CHUNK_ROWS + 3, 5, 4), dtype=np.uint8)
     expected = (tall[::-1].reshape(-1) / np.float32(255)).astype(np.float32)  # across chunk boundaries
     assert np.allclose(frames.rgba8_to_blender_pixels(tall), expected, atol=1e-7)
+    assert frames.rgba8_to_blender_pixels(np.zeros((0, 4, 4), np.uint8)).size == 0
     big = np.random.default_rng(3).integers(0, 256, (700, 513, 4), dtype=np.uint8)  # banded on threads
     expected = (big[::-1].reshape(-1) / np.float32(255)).astype(np.float32)
     assert np.allclose(frames.rgba8_to_blender_pixels(big), expected, atol=1e-7)

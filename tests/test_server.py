@@ -334,29 +334,47 @@ def test_a_submit_waiting_for_its_tokenizer_does_not_stall_the_loop(tmp_path, ti
 
 
 class FlakyServer(Server):
-    """A server whose first tokenizer load fails (model files missing), the next succeeds."""
+    """A server whose tokenizer loads fail (model files missing) until the test fixes them; loads wait
+    for the gate, so several submits can be parked on one failing load."""
 
-    calls = 0
+    missing = True
+    gate = threading.Event()
 
     @staticmethod
     def load_tokenizer(preset):
-        FlakyServer.calls += 1
-        if FlakyServer.calls == 1:
+        FlakyServer.gate.wait(60)
+        if FlakyServer.missing:
             raise InvalidInputError("preset.prior: tokenizer files missing", field="preset")
         return Server.load_tokenizer(preset)
 
 
-def test_a_failed_tokenizer_load_is_explained_and_retried(tmp_path, tiny):
+def test_a_failed_tokenizer_load_is_explained_to_every_waiting_submit_and_retried(tmp_path, tiny):
+    from protocol.wire import Message, decode, encode
+
     srv = FlakyServer(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=("tiny",))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(srv.endpoint)
     try:
+        for rid in ("a", "b"):  # both parked on the one load, which fails
+            sock.send_multipart(encode(Message("submit", rid, {"pipeline": "image2d", "spec": {"prompt": "a cup"}})))
+        time.sleep(0.3)
+        FlakyServer.gate.set()
+        replies = {}
+        while len(replies) < 2:
+            assert sock.poll(30000), "a parked submit was never answered"
+            msg = decode(sock.recv_multipart())
+            replies[msg.id] = msg
+        assert all(r.type == "error" and r.body["field"] == "preset" and "missing" in r.body["message"]
+                   for r in replies.values())
+        sock.send_multipart(encode(Message("ping", "p", {})))  # the loop survived both refusals
+        assert sock.poll(5000) and decode(sock.recv_multipart()).id == "p"
+        FlakyServer.missing = False  # the files are fixed: the next submit loads again and is accepted
         with Client(srv.endpoint, timeout=60) as client:
-            with pytest.raises(ServerError) as refused:
-                client.submit("image2d", {"prompt": "a cup", "steps": 1})
-            assert refused.value.field == "preset" and "missing" in refused.value.message
-            (job,) = client.submit("image2d", {"prompt": "a cup", "steps": 1})  # loaded again: accepted
+            (job,) = client.submit("image2d", {"prompt": "a cup", "steps": 1})
             assert client.status(job)["state"] in ("queued", "running", "done")
     finally:
+        sock.close(0)
         srv.stop()
         thread.join(15)

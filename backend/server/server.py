@@ -64,6 +64,11 @@ class _Parked:
     msg: Message
     specs: list
     batch: bool
+    tokenizers: dict[str, Future]  # preset -> its load, as it was when the submit came
+
+    @property
+    def ready(self) -> bool:
+        return all(loading.done() for loading in self.tokenizers.values())
 
 
 def check_bind(address: str, keys: Path | None) -> None:
@@ -192,8 +197,8 @@ class Server:
                 spec.negative_embedding = str(self.store.folder(ne) / "negative_embedding.pt")
             spec.validate(self.presets)
             self._check_files(spec)
-        parked = _Parked(peer, msg, specs, prompts is not None)
-        if not all(self.tokenizer(spec.preset).done() for spec in specs):
+        parked = _Parked(peer, msg, specs, prompts is not None, {spec.preset: self.tokenizer(spec.preset) for spec in specs})
+        if not parked.ready:
             self._parked.append(parked)  # acknowledged by ``resume_parked`` once they are loaded
             return None
         return self._accept(parked)
@@ -203,11 +208,7 @@ class Server:
         from backend.psd.prior import check_prompt_tokens
 
         for spec in parked.specs:
-            loading = self._tokenizers[spec.preset]
-            if loading.exception() is not None:  # explain it, and try again on the next submit (files may be fixed)
-                del self._tokenizers[spec.preset]
-                raise loading.exception()
-            tokenizer = loading.result()
+            tokenizer = parked.tokenizers[spec.preset].result()  # a failed load raises its explanation
             check_prompt_tokens(tokenizer, spec.prompt, "prompt")
             if spec.negative_prompt:
                 check_prompt_tokens(tokenizer, spec.negative_prompt, "negative_prompt")
@@ -221,7 +222,7 @@ class Server:
         """Acknowledge (or refuse) the parked submits whose tokenizers are now loaded."""
         waiting = []
         for parked in self._parked:
-            if not all(self._tokenizers[spec.preset].done() for spec in parked.specs):
+            if not parked.ready:
                 waiting.append(parked)
                 continue
             try:
@@ -241,10 +242,12 @@ class Server:
         return "unknown" if self._device.exception() else self._device.result()
 
     def tokenizer(self, preset: str) -> Future:
-        """The preset's tokenizer, loading (once) on the loader thread."""
-        if preset not in self._tokenizers:
-            self._tokenizers[preset] = self._loader.submit(self.load_tokenizer, preset)
-        return self._tokenizers[preset]
+        """The preset's tokenizer, loading on the loader thread: once, or again after a failed load
+        (the model files may have been fixed since)."""
+        loading = self._tokenizers.get(preset)
+        if loading is None or (loading.done() and loading.exception() is not None):
+            loading = self._tokenizers[preset] = self._loader.submit(self.load_tokenizer, preset)
+        return loading
 
     @staticmethod
     def load_tokenizer(preset: str):

@@ -151,8 +151,9 @@ def image_rgba8(image: bpy.types.Image) -> np.ndarray:
 # -- reading the artist's mesh -----------------------------------------------------------------
 def mesh_arrays(obj: bpy.types.Object, depsgraph, linear: np.ndarray | None = None) -> dict:
     """The object's evaluated mesh (modifiers applied), triangulated, as glTF arrays: positions (in its
-    local frame, or mapped by the 3x3 ``linear`` first), faces, and with an active UV map per-corner
-    uvs, with a base-colour image the texture."""
+    local frame, or mapped by the 3x3 ``linear`` first; a mirroring one also reverses the winding, so
+    faces keep facing out), faces, and with an active UV map per-corner uvs, with a base-colour image
+    the texture."""
     evaluated = obj.evaluated_get(depsgraph)
     me = evaluated.to_mesh()
     try:
@@ -164,15 +165,20 @@ def mesh_arrays(obj: bpy.types.Object, depsgraph, linear: np.ndarray | None = No
         me.vertices.foreach_get("co", co)
         tri_verts = np.empty(n_tris * 3, np.int32)
         me.loop_triangles.foreach_get("vertices", tri_verts)
-        co = co.reshape(-1, 3) if linear is None else co.reshape(-1, 3) @ np.asarray(linear, np.float32).T
+        tri_loops = np.empty(n_tris * 3, np.int32)
+        me.loop_triangles.foreach_get("loops", tri_loops)
+        co = co.reshape(-1, 3)
+        if linear is not None:
+            co = co @ np.asarray(linear, np.float32).T
+            if np.linalg.det(linear) < 0:  # mirrored: corners in reverse order
+                tri_verts = np.ascontiguousarray(tri_verts.reshape(-1, 3)[:, ::-1]).reshape(-1)
+                tri_loops = np.ascontiguousarray(tri_loops.reshape(-1, 3)[:, ::-1]).reshape(-1)
         arrays = {"positions": frames.points_to_gltf(co),
                   "faces": tri_verts.reshape(-1, 3)}
         layer = me.uv_layers.active
         if layer is not None:
             loop_uv = np.empty(len(me.loops) * 2, np.float32)
             layer.uv.foreach_get("vector", loop_uv)
-            tri_loops = np.empty(n_tris * 3, np.int32)
-            me.loop_triangles.foreach_get("loops", tri_loops)
             arrays["uvs"] = frames.uvs_to_gltf(loop_uv.reshape(-1, 2)[tri_loops], n_tris)
             node = base_color_image_node(obj.active_material)
             if node is not None and node.image is not None and node.image.size[0] > 0:

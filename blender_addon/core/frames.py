@@ -32,18 +32,21 @@ def camera_to_gltf(blender_c2w: np.ndarray, world_to_local: np.ndarray) -> np.nd
     """A Blender camera's 4x4 camera-to-world matrix -> DESIGN.md's convention: a rigid camera-to-world
     in the glTF frame of the mesh being worked on (``world_to_local``: rigid, world -> that frame).
     Blender cameras already look down their local -Z with +Y up, as OpenGL's do, so only the world
-    changes; a scaled (or sheared, through its parents) camera object keeps its nearest rotation."""
+    changes; a scaled, sheared or mirrored camera object keeps the view direction and up it renders with."""
     m = BLENDER_TO_GLTF @ np.asarray(world_to_local, np.float64) @ np.asarray(blender_c2w, np.float64)
-    m[:3, :3] = nearest_rotation(m[:3, :3])
+    m[:3, :3] = view_frame(m[:3, :3])
     m[3] = (0.0, 0.0, 0.0, 1.0)
     return m
 
 
-def nearest_rotation(a: np.ndarray) -> np.ndarray:
-    """The rotation closest to a 3x3 matrix (polar decomposition by SVD; a reflection is undone)."""
-    u, _, vt = np.linalg.svd(np.asarray(a, np.float64))
-    d = np.sign(np.linalg.det(u @ vt)) or 1.0
-    return u @ np.diag([1.0, 1.0, d]) @ vt
+def view_frame(a: np.ndarray) -> np.ndarray:
+    """The rotation with ``a``'s view axis (its Z column: the camera looks down -Z) and, made orthogonal
+    to it, its up axis (Y); X completes a right-handed frame, so a mirror in the matrix is dropped."""
+    a = np.asarray(a, np.float64)
+    z = a[:, 2] / np.linalg.norm(a[:, 2])
+    y = a[:, 1] - (a[:, 1] @ z) * z
+    y /= np.linalg.norm(y)
+    return np.stack([np.cross(y, z), y, z], axis=1)
 
 
 def fov_y_degrees(sensor_fit: str, angle_x: float, angle_y: float, width: int, height: int) -> float:
@@ -91,9 +94,11 @@ def rgba8_to_blender_pixels(rgba: np.ndarray, out: np.ndarray | None = None) -> 
     there, 1.5x faster than flipping the whole image first (a 4 MiB copy) or scaling through a
     negative-stride view; large images are split into bands converted on short-lived threads
     (numpy releases the GIL), another 1.5-2x on two cores. Nothing outlives the call."""
-    h = rgba.shape[0]
-    src = np.asarray(rgba, np.uint8).reshape(h, -1)
     out = np.empty(rgba.size, np.float32) if out is None else out
+    h = rgba.shape[0]
+    if rgba.size == 0:
+        return out
+    src = np.asarray(rgba, np.uint8).reshape(h, -1)
     dst = out.reshape(h, -1)
     parts = PIXEL_THREADS if rgba.size >= 4 * PIXEL_THREAD_MIN else 1
     bounds = [h * i // parts for i in range(parts + 1)]
