@@ -1,6 +1,7 @@
 """The service over real loopback sockets (ephemeral ports): submit -> events -> result,
 resubscribe after a drop, cancel, and malformed traffic while the server keeps serving."""
 
+import contextlib
 import random
 import threading
 import time
@@ -15,6 +16,7 @@ from protocol.events import Done, Failed, ImageSnapshot, Progress
 from backend.presets import PRESETS
 from backend.server.server import Server, check_bind
 from protocol.errors import InvalidInputError
+from protocol.wire import Message, decode, encode
 
 
 def _rss_mib() -> float:
@@ -291,6 +293,37 @@ def test_a_batch_becomes_one_job_per_prompt(server):
         assert err.value.field == "prompts[1]"
 
 
+@contextlib.contextmanager
+def serving_with_dealer(server_class, tmp_path):
+    """A server of ``server_class`` on its own thread and a raw DEALER socket to it (requests by hand,
+    replies in the order they come)."""
+    srv = server_class(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=("tiny",))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(srv.endpoint)
+    try:
+        yield srv, sock
+    finally:
+        sock.close(0)
+        srv.stop()
+        thread.join(15)
+
+
+def send(sock, kind: str, rid: str, body: dict) -> None:
+    sock.send_multipart(encode(Message(kind, rid, body)))
+
+
+def replies(sock, n: int, what: str) -> dict:
+    """The next ``n`` replies by request id."""
+    out = {}
+    while len(out) < n:
+        assert sock.poll(30000), f"{what} never answered"
+        msg = decode(sock.recv_multipart())
+        out[msg.id] = msg
+    return out
+
+
 class GatedServer(Server):
     """A server whose tokenizer loads only when the test opens the gate."""
 
@@ -303,34 +336,18 @@ class GatedServer(Server):
 
 
 def test_a_submit_waiting_for_its_tokenizer_does_not_stall_the_loop(tmp_path, tiny):
-    srv = GatedServer(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=("tiny",))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(srv.endpoint)
-    try:
-        from protocol.wire import Message, decode, encode
-
-        sock.send_multipart(encode(Message("submit", "a", {"pipeline": "image2d", "spec": {"prompt": "a cup", "steps": 2}})))
-        sock.send_multipart(encode(Message("submit", "b", {"pipeline": "image2d", "spec": {"prompt": "x " * 200}})))
-        sock.send_multipart(encode(Message("ping", "c", {})))
+    with serving_with_dealer(GatedServer, tmp_path) as (srv, sock):
+        send(sock, "submit", "a", {"pipeline": "image2d", "spec": {"prompt": "a cup", "steps": 2}})
+        send(sock, "submit", "b", {"pipeline": "image2d", "spec": {"prompt": "x " * 200}})
+        send(sock, "ping", "c", {})
         assert sock.poll(5000), "the ping got no answer while the tokenizer loads"
         first = decode(sock.recv_multipart())
         assert first.id == "c" and first.type == "ok"  # answered while both submits wait
         assert not sock.poll(300)
         GatedServer.gate.set()
-        replies = {}
-        while len(replies) < 2:
-            assert sock.poll(30000), "the parked submits were never answered"
-            msg = decode(sock.recv_multipart())
-            replies[msg.id] = msg
-        assert replies["a"].type == "ok" and len(replies["a"].body["jobs"]) == 1
-        assert replies["b"].type == "error" and replies["b"].body["field"] == "prompt"  # too long, still refused
-    finally:
-        sock.close(0)
-        srv.stop()
-        thread.join(15)
+        got = replies(sock, 2, "the parked submits were")
+        assert got["a"].type == "ok" and len(got["a"].body["jobs"]) == 1
+        assert got["b"].type == "error" and got["b"].body["field"] == "prompt"  # too long, still refused
 
 
 class FlakyServer(Server):
@@ -349,32 +366,17 @@ class FlakyServer(Server):
 
 
 def test_a_failed_tokenizer_load_is_explained_to_every_waiting_submit_and_retried(tmp_path, tiny):
-    from protocol.wire import Message, decode, encode
-
-    srv = FlakyServer(tmp_path / "data", bind="tcp://127.0.0.1:*", presets=("tiny",))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(srv.endpoint)
-    try:
+    with serving_with_dealer(FlakyServer, tmp_path) as (srv, sock):
         for rid in ("a", "b"):  # both parked on the one load, which fails
-            sock.send_multipart(encode(Message("submit", rid, {"pipeline": "image2d", "spec": {"prompt": "a cup"}})))
+            send(sock, "submit", rid, {"pipeline": "image2d", "spec": {"prompt": "a cup"}})
         time.sleep(0.3)
         FlakyServer.gate.set()
-        replies = {}
-        while len(replies) < 2:
-            assert sock.poll(30000), "a parked submit was never answered"
-            msg = decode(sock.recv_multipart())
-            replies[msg.id] = msg
+        got = replies(sock, 2, "a parked submit was")
         assert all(r.type == "error" and r.body["field"] == "preset" and "missing" in r.body["message"]
-                   for r in replies.values())
-        sock.send_multipart(encode(Message("ping", "p", {})))  # the loop survived both refusals
+                   for r in got.values())
+        send(sock, "ping", "p", {})  # the loop survived both refusals
         assert sock.poll(5000) and decode(sock.recv_multipart()).id == "p"
         FlakyServer.missing = False  # the files are fixed: the next submit loads again and is accepted
         with Client(srv.endpoint, timeout=60) as client:
             (job,) = client.submit("image2d", {"prompt": "a cup", "steps": 1})
             assert client.status(job)["state"] in ("queued", "running", "done")
-    finally:
-        sock.close(0)
-        srv.stop()
-        thread.join(15)
