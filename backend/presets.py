@@ -18,7 +18,6 @@ from backend.psd.schedule import DdimLikeSchedule
 from backend.psd.tiny import TINY_CLIP_ARCH, TINY_NAME
 from backend.pipelines.geometry_stage import GeometrySettings
 from backend.pipelines.texture_stage import TextureSettings
-from backend.render.camera import OrbitSpec
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,9 @@ class Image2dSettings:
     resolution: int = 512  # pixels; the latent is resolution / 8
     lr: float = 0.05  # Adam on the latent (not given by the paper; ours)
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(second_noise=SecondNoise.PREDICTED))
-    negative: NegativeConfig = field(default_factory=NegativeConfig)
+    # Algorithm 2 updates no negative embedding: n stays at its initial descriptors. Learning it
+    # (F.1's single-stage rate, NegativeConfig(lr=1e-4)) is a switch, not the 2D default.
+    negative: NegativeConfig = field(default_factory=lambda: NegativeConfig(lr=0.0))
     schedule: DdimLikeSchedule = field(default_factory=DdimLikeSchedule)
     snapshot_every: int = 5
 
@@ -77,12 +78,10 @@ PRESETS: dict[str, Preset] = {
         image2d=Image2dSettings(steps=30, resolution=128, snapshot_every=5,
                                 guidance=GuidanceConfig(second_noise=SecondNoise.PREDICTED,
                                                         decode=DecodeConfig(tiny=True, latent_size=16))),
-        geometry=GeometrySettings(steps=8, grid_resolution=16, render_size=64, prior_size=64, snapshot_every=4,
-                                  cameras=OrbitSpec(width=64, height=64)),
+        geometry=GeometrySettings(steps=8, grid_resolution=16, render_size=64, prior_size=64, snapshot_every=4),
         texture=TextureSettings(steps=8, render_size=64, prior_size=64, texture_size=64, texture_levels=2,
-                                cameras=OrbitSpec(width=64, height=64), snapshot_every=4, checkpoint_every=4,
-                                guidance=GuidanceConfig(guidance_scale=101.0, decode=DecodeConfig(tiny=True, latent_size=16)),
-                                negative=NegativeConfig(lr=1e-5, freeze_after=1000)),
+                                snapshot_every=4, checkpoint_every=4,
+                                guidance=replace(TextureSettings().guidance, decode=DecodeConfig(tiny=True, latent_size=16))),
     ),
     "sd21-draft": Preset(
         name="sd21-draft",

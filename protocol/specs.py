@@ -15,6 +15,7 @@ METHODS = ("psd", "sds", "dreamdpo")
 REWARDS = ("hpsv2.1", "pickscore")  # the target reward; the others are reported as unseen
 MAX_PROMPT_CHARS = 1000  # a cheap bound before tokenising; the tokenizer's 77-token limit is checked too
 MAX_STEPS = 100_000
+MIN_T, MAX_T = 0.02, 0.98  # the timestep range score distillation draws from, as fractions of T
 
 
 @dataclass(kw_only=True)
@@ -99,10 +100,17 @@ class RefineSpec(JobSpec):
 
     mesh: str  # path of a GLB/glTF/OBJ/PLY file on the backend's machine
     cameras: dict | None = None  # a camera rig (see check_camera_rig); None: the preset's orbit
+    # The largest noise level t / T refine may use on a textured mesh (its strength); None: the
+    # preset's (0.404, the start of the paper's texture stage). Lower keeps more of the texture.
+    max_t: float | None = None
 
     def validate(self, presets: tuple[str, ...]) -> None:
         require(isinstance(self.mesh, str) and self.mesh.strip() != "", "mesh", "must name a mesh file")
         super().validate(presets)
+        if self.max_t is not None:
+            require(isinstance(self.max_t, (int, float)) and not isinstance(self.max_t, bool) and math.isfinite(self.max_t)
+                    and MIN_T <= self.max_t <= MAX_T, "max_t",
+                    f"must be a number in [{MIN_T}, {MAX_T}] (a fraction of the diffusion schedule), got {self.max_t!r}")
         if self.cameras is not None:
             check_camera_rig(self.cameras)
 

@@ -15,14 +15,16 @@ from protocol.errors import NumericalError
 from protocol.events import MeshSnapshot
 from backend.files import atomic_torch_save
 from backend.geometry.dmtet import TetGrid, marching_tets
-from backend.geometry.sdf import normal_consistency, sdf_sign_entropy
+from backend.geometry.sdf import sdf_sign_entropy
+from backend.geometry.surface import laplacian_smoothness, mesh_edges, normal_consistency
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
 from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller, StepOutput
-from backend.psd.guidance import distillation_loss
+from backend.psd.guidance import Weighting, distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
-from backend.psd.schedule import AnnealedSchedule
+from backend.psd.schedule import DreamTimeSchedule
 from backend.render.camera import OrbitSpec
+from backend.pipelines.cfd import CFD_CAMERAS, CFD_LOSS_SCALE
 from backend.pipelines.stage import DistillationStage
 from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.render.ops import RasterContext
@@ -36,23 +38,30 @@ class Primitive(str, Enum):
 
 @dataclass(frozen=True)
 class GeometrySettings:
-    """Paper F.1 (3-stage DMTet, geometry): 15000 steps at 1024^2. Grid resolution, lr and
-    regulariser weight are ours (threestudio's Fantasia3D-style defaults: grid 128, lr 0.01)."""
+    """The DMTet geometry stage, from ``configs/cfd/sd-mesh-geometry-stage2.yaml`` (the config
+    appendix F.1's 3-stage pipeline ran; "15000 steps at 1024^2"). Each field names its key; the
+    fields marked "ours" are not in that config."""
 
-    steps: int = 15000
-    grid_resolution: int = 128
-    render_size: int = 1024
-    prior_size: int = 512
-    lr: float = 0.01
-    views: int = 1
-    primitive: Primitive = Primitive.SPHERE
-    primitive_radius: float = 0.5  # in the unit frame, where the object spans [-0.5, 0.5]
-    normal_consistency_weight: float = 0.1
-    sdf_sign_weight: float = 0.01  # nvdiffrec uses 0.2 decaying; ours is a fixed small weight
-    normal_render_probability: float = 0.5  # else Lambertian-shaded grey
-    cameras: OrbitSpec = field(default_factory=OrbitSpec)
-    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(method=Method.SDS, guidance_scale=101.0))
-    schedule: AnnealedSchedule = field(default_factory=AnnealedSchedule)
+    steps: int = 15000  # trainer.max_steps
+    grid_resolution: int = 128  # geometry.isosurface_resolution
+    render_size: int = 1024  # data.width / data.height
+    prior_size: int = 512  # the guidance resizes renders to 512 before the VAE
+    lr: float = 0.01  # optimizer.args.lr
+    betas: tuple[float, float] = (0.9, 0.99)  # optimizer.args.betas
+    views: int = 1  # data.batch_size
+    primitive: Primitive = Primitive.SPHERE  # ours: CFD starts from the stage-1 NeRF
+    primitive_radius: float = 0.5  # ours; in the unit frame, where the object spans [-0.5, 0.5]
+    normal_consistency_weight: float = 1e4 * CFD_LOSS_SCALE  # loss.lambda_normal_consistency: 10000
+    laplacian_weight: float = 1e4 * CFD_LOSS_SCALE  # loss.lambda_laplacian_smoothness: 10000
+    sdf_sign_weight: float = 0.0  # not in CFD's config (nvdiffrec's SDF regulariser; 0.2 there)
+    # threestudio's prolificdreamer system feeds the geometry stage's guidance ``comp_normal`` only;
+    # below 1, the other renders are Lambertian-shaded grey (ours)
+    normal_render_probability: float = 1.0
+    cameras: OrbitSpec = field(default_factory=lambda: CFD_CAMERAS)
+    # guidance.guidance_scale: 50. in threestudio's form, eps(y) + s (eps(y) - eps(u)), is gamma = 51
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(
+        method=Method.SDS, guidance_scale=51.0, weighting=Weighting.DMD))  # guidance.weighting_strategy: dmd
+    schedule: DreamTimeSchedule = field(default_factory=DreamTimeSchedule)  # t_scheduler.dreamtime_anneal
     snapshot_every: int = 50
     checkpoint_every: int = 200
 
@@ -70,7 +79,7 @@ class GeometryStage(DistillationStage):
         self.grid = TetGrid(grid.vertices.to(self.device), grid.tets.to(self.device), grid.resolution)
         self.sdf = torch.nn.Parameter(sdf_init.to(self.device).float().clone())
         self.deform = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
-        self.optimizer = torch.optim.Adam([self.sdf, self.deform], lr=settings.lr)
+        self.optimizer = torch.optim.Adam([self.sdf, self.deform], lr=settings.lr, betas=settings.betas)
         self.generator = torch.Generator().manual_seed(seed)
         self.views = ViewPrompts(prior, prompt)
         negative = NegativeEmbedding(negative_init, NegativeConfig(lr=0.0))  # SDS here: n stays fixed
@@ -130,10 +139,12 @@ class GeometryStage(DistillationStage):
         x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
         out = self.distiller.step(x_c, t, self.step, y=y)
         loss = distillation_loss(x_c, out.grad)
-        if s.normal_consistency_weight > 0:
-            loss = loss + s.normal_consistency_weight * normal_consistency(verts, faces)
+        if s.normal_consistency_weight > 0 or s.laplacian_weight > 0:
+            edges = mesh_edges(faces)
+            loss = loss + s.normal_consistency_weight * normal_consistency(verts, faces, edges) \
+                + s.laplacian_weight * laplacian_smoothness(verts, faces, edges)
         if s.sdf_sign_weight > 0:
-            loss = loss + s.sdf_sign_weight * sdf_sign_entropy(self.sdf, self.grid.tets)
+            loss = loss + s.sdf_sign_weight * sdf_sign_entropy(self.sdf, self.grid.edges)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -95,7 +95,14 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     atomic_write_json(out / "spec.json", {"pipeline": "refine", "spec": spec.to_dict(), "texture_steps": total,
                                           "guidance": config_to_json(guidance)})
     rig = rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale)
-    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig)
+    # refine refines: a textured mesh is never noised above max_t; a mesh without a texture
+    # is textured from blank (the stage's blank schedule)
+    schedule = None
+    if mesh.texture is not None:
+        schedule = preset.texture.schedule.capped(spec.max_t if spec.max_t is not None else preset.texture.refine_max_t)
+    else:
+        warnings.append("mesh: has no texture; refine paints one from blank (full noise range)")
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig, schedule=schedule)
     if resume:
         stage.load_checkpoint()
     stage.log.final["warnings"] = warnings

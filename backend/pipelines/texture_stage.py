@@ -20,10 +20,11 @@ from backend.geometry.uv import UVTexture, dilate, uv_coverage
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
 from backend.psd.distill import GuidanceConfig, ScoreDistiller, StepOutput
-from backend.psd.guidance import distillation_loss
+from backend.psd.guidance import Weighting, distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
-from backend.psd.schedule import AnnealedSchedule
+from backend.psd.schedule import DreamTimeSchedule, LinearAnnealSchedule
 from backend.render.camera import OrbitSpec
+from backend.pipelines.cfd import CFD_CAMERAS
 from backend.pipelines.stage import DistillationStage
 from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.render.ops import RasterContext
@@ -32,21 +33,32 @@ from backend.render.shading import rasterize_views, render_albedo
 
 @dataclass(frozen=True)
 class TextureSettings:
-    """Paper F.1 (3-stage DMTet, texture): 20000 steps at 1024^2, n lr 1e-5 for the first 1000
-    steps then frozen. Texture lr and levels are ours (not given by the paper)."""
+    """The texture stage, from ``configs/cfd/sd-mesh-texture-stage3.yaml`` (the config appendix
+    F.1's 3-stage pipeline ran) and F.1 itself. Each field names its source; "ours" marks values
+    that are in neither (CFD's texture is a hash grid, ours a UV texture)."""
 
-    steps: int = 20000
-    render_size: int = 1024
+    steps: int = 20000  # F.1: "20000 steps" (the config's trainer.max_steps says 15_000)
+    render_size: int = 1024  # data.width / data.height
     prior_size: int = 512  # renders are resized to the prior's native size before the VAE
-    texture_size: int = 1024
-    texture_levels: int = 4
-    lr: float = 0.01
-    views: int = 1
-    cameras: OrbitSpec = field(default_factory=OrbitSpec)
-    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(guidance_scale=101.0))
-    negative: NegativeConfig = field(default_factory=lambda: NegativeConfig(lr=1e-5, freeze_after=1000))
-    schedule: AnnealedSchedule = field(default_factory=AnnealedSchedule)
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    texture_size: int = 1024  # ours
+    texture_levels: int = 4  # ours
+    lr: float = 0.01  # ours (the config's hash-grid encoding lr is 1e-2 too)
+    betas: tuple[float, float] = (0.9, 0.99)  # optimizer.args.betas
+    views: int = 1  # data.batch_size
+    cameras: OrbitSpec = field(default_factory=lambda: CFD_CAMERAS)
+    # guidance.guidance_scale: 75. in threestudio's form is gamma = 76; weighting_strategy: dmd
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(guidance_scale=76.0, weighting=Weighting.DMD))
+    negative: NegativeConfig = field(default_factory=lambda: NegativeConfig(lr=1e-5, freeze_after=1000))  # F.1
+    # t_scheduler.linear_anneal_*: t from 0.404 down to 0.212. That stage starts from the texture
+    # the earlier stages made; refine starts from the artist's.
+    schedule: LinearAnnealSchedule = field(default_factory=LinearAnnealSchedule)
+    # Ours, until a coarse stage gives generate a coloured start (MVDream, issue 13): a blank
+    # texture needs high noise first, so generate's texture stage anneals from 0.98 as geometry does.
+    blank_schedule: DreamTimeSchedule = field(default_factory=DreamTimeSchedule)
+    # Refine never draws t above this (a fraction of the diffusion schedule): the CFD texture
+    # stage's own start, 0.404 (see ``schedule``). A refine job may lower or raise it (``max_t``).
+    refine_max_t: float = LinearAnnealSchedule().t_start
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ours (CFD: a learned environment map)
     snapshot_every: int = 10
     checkpoint_every: int = 100
 
@@ -57,11 +69,13 @@ class TextureStage(DistillationStage):
 
     def __init__(self, models: LoadedModels, mesh: Mesh, prompt: str, negative_init: torch.Tensor,
                  settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path, rig=None,
-                 checkpoint_tag: int = 0) -> None:
+                 checkpoint_tag: int = 0, schedule=None) -> None:
         """``mesh`` in the unit optimisation frame with per-corner UVs; its texture (if any) is the start.
         ``rig`` (an OrbitSpec or CameraList in the unit frame) replaces the preset's cameras;
         ``checkpoint_tag`` names the mesh a checkpoint belongs to (generate: the geometry step), so a
-        checkpoint made for another mesh is never loaded."""
+        checkpoint made for another mesh is never loaded. ``schedule`` replaces t(tau): by default
+        ``settings.schedule`` when the mesh has a texture, else ``settings.blank_schedule``."""
+        self.schedule = schedule or (settings.schedule if mesh.texture is not None else settings.blank_schedule)
         self.checkpoint_tag = checkpoint_tag
         self.models, self.mesh, self.settings, self.out = models, mesh, settings, out_dir
         prior = models.prior
@@ -75,7 +89,7 @@ class TextureStage(DistillationStage):
             init = torch.from_numpy(mesh.texture[..., :3].astype(np.float32) / 255.0)
         h, w = mesh.texture.shape[:2] if mesh.texture is not None else (settings.texture_size,) * 2
         self.texture = UVTexture(h, w, settings.texture_levels, init).to(self.device)
-        self.optimizer = torch.optim.Adam(self.texture.parameters(), lr=settings.lr)
+        self.optimizer = torch.optim.Adam(self.texture.parameters(), lr=settings.lr, betas=settings.betas)
         self.negative = NegativeEmbedding(negative_init, settings.negative)
         self.generator = torch.Generator().manual_seed(seed)
         self.views = ViewPrompts(prior, prompt)
@@ -143,7 +157,7 @@ class TextureStage(DistillationStage):
         s = self.settings
         prior = self.models.prior
         cams, y = self.views.sample(self.cameras, s.views, self.generator)
-        t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
+        t = self.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
         images = self.render(cams)
         x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
         out = self.distiller.step(x_c, t, self.step, y=y)

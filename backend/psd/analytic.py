@@ -161,9 +161,9 @@ def distill_particles(world: ToyWorld, guidance, negative_config, particles: int
     from backend.psd.distill import ScoreDistiller
     from backend.psd.guidance import distillation_loss
     from backend.psd.negative import NegativeEmbedding
-    from backend.psd.schedule import AnnealedSchedule
+    from backend.psd.schedule import RandomAnnealedSchedule
 
-    schedule, steps = AnnealedSchedule(), world.steps
+    schedule, steps = RandomAnnealedSchedule(), world.steps
     guidance = replace(guidance, guidance_scale=world.guidance_scale)
     prior, target = world.prior(), world.target()
     reward = reward or target

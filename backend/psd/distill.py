@@ -60,6 +60,7 @@ class GuidanceConfig:
     second_noise: SecondNoise = SecondNoise.RANDOM
     predicted_noise_offset: int = 20
     interval: int = 1
+    weighting: G.Weighting = G.Weighting.SDS  # w(t); the 3D stages use CFD's DMD weighting
     preference_guidance: bool = True  # False: winner selection only (beta_r = 0), an ablation
     # On PSD steps that update n: run the n branch of the ranking pass with a graph and
     # backpropagate the winner's reward through it (no second UNet/decode/reward forward),
@@ -115,14 +116,14 @@ class ScoreDistiller:
         if not torch.isfinite(x0).all():
             raise NumericalError(f"step {step}: the latent holds NaN or inf")
         a, s = self.prior.alpha_sigma(t)
-        w = G.sds_weight(s)
         n = self.negative.value.detach()
         eps1 = self._randn(x0)
         x1 = G.add_noise(x0, eps1, a, s)
 
         if not self.is_pair_step(step):  # plain SDS, Eq. 14
             eps_y, eps_n = self._eps([x1, x1], t, [y, n])
-            grad = w * G.sds_direction(G.cfg(eps_y, eps_n, cfg.guidance_scale), eps1)
+            eps_cfg = G.cfg(eps_y, eps_n, cfg.guidance_scale)
+            grad = G.step_weight(cfg.weighting, s, eps_cfg, eps1) * G.sds_direction(eps_cfg, eps1)
             return StepOutput(grad=grad, t=t, pair=False)
 
         eps2 = self._second_noise(x0, t, y)
@@ -155,7 +156,7 @@ class ScoreDistiller:
             if not cfg.preference_guidance:
                 beta = torch.zeros_like(beta)
             direction = G.psd_direction(d_gen, d_cls, d_pref, cfg.guidance_scale, beta)
-        grad = w * direction
+        grad = G.step_weight(cfg.weighting, s, cfg_w, eps_w) * direction
         if not torch.isfinite(grad).all():
             raise NumericalError(f"step {step}: the guidance holds NaN or inf (t={t.tolist()})")
 

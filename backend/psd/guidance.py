@@ -116,10 +116,33 @@ def dreamdpo_direction(eps_cfg_w: torch.Tensor, eps_w: torch.Tensor, eps_cfg_l: 
     return (eps_cfg_w - eps_w) - (eps_cfg_l - eps_l)
 
 
+class Weighting(str, Enum):
+    """w(t) in Eq. 12 (the paper leaves it open). SDS: ``s_t^2`` (DreamFusion). DMD: the
+    per-sample normalisation of DMD (Yin et al. 2024) that CFD's configs use
+    (``weighting_strategy: dmd`` in configs/cfd/sd-mesh-*.yaml)."""
+
+    SDS = "sds"
+    DMD = "dmd"
+
+
 def sds_weight(sigma: torch.Tensor) -> torch.Tensor:
     """w(t) = s_t^2 = 1 - abar_t (DreamFusion, Poole et al. 2022, appendix A.4; threestudio's
     ``weighting_strategy: sds``)."""
     return sigma**2
+
+
+def dmd_weight(eps_cfg: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """w = 1 / (1e-8 + mean |eps~ - eps|) per sample (N,1,1,1), as CFD's
+    ``stable_diffusion_unified_guidance`` computes it for ``weighting_strategy: dmd``: the SDS part
+    of the update gets unit mean magnitude at every t. For PSD ``eps~ - eps`` is the winner's."""
+    return 1.0 / (1e-8 + (eps_cfg - eps).abs().mean(dim=tuple(range(1, eps.dim())), keepdim=True))
+
+
+def step_weight(weighting: Weighting, sigma: torch.Tensor, eps_cfg: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """w(t) of Eq. 12 for ``weighting``; ``eps_cfg - eps`` is the sample's SDS direction."""
+    if weighting is Weighting.DMD:
+        return dmd_weight(eps_cfg, eps)
+    return sds_weight(sigma)
 
 
 def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
