@@ -196,23 +196,26 @@ def _result(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from backend.psd.loading import models_dir, resolve_source
-    from backend.presets import PRESETS
+    import json
 
+    from backend.presets import model_report
+    from backend.psd.loading import models_dir
+
+    report = model_report()
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
     print(f"model folder: {models_dir()}  (set PSD3D_HOME to move it)")
-    for preset in PRESETS.values():
-        print(f"\n{preset.name}: {preset.description}")
-        srcs = [("prior", preset.models.prior.model), ("reward-path decoder", preset.models.prior.tiny_decoder),
-                ("target reward", getattr(preset.models.target_reward, "checkpoint", None) or preset.models.target_reward.model)]
-        srcs += [("unseen reward", s.model if hasattr(s, "model") else s.checkpoint) for s in preset.models.unseen_rewards]
-        for role, src in srcs:
-            if src is None:
-                continue
-            location, local = resolve_source(src)
-            state = "present" if local else ("built on first use" if preset.models.build_tiny else "hub id (cache or download)")
-            print(f"  {role:20s} {location}  [{state}]")
-    print("\nReal weights: put a downloaded folder under the model folder with the preset's name (e.g. "
-          "stable-diffusion-2-1-base/, HPS_v2.1_compressed.pt) or keep them in the Hugging Face cache.")
+    for preset in report["presets"]:
+        print(f"\n{preset['preset']}: {preset['description']}")
+        for row in preset["models"]:
+            state = f"present, {row['bytes'] / 2**20:,.0f} MiB" if row["present"] else \
+                ("built on first use" if preset["built_on_first_use"] else "MISSING")
+            print(f"  {row['role']:30s} {row['source']}  [{state}]")
+            if row["present"]:
+                print(f"  {'':30s} at {row['path']}")
+            elif row["fetch"]:
+                print(f"  {'':30s} fetch: {row['fetch']}")
     return 0
 
 
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     kn.set_defaults(run=_keys)
 
     m = sub.add_parser("models", help="show which model files are present and where real weights go")
+    m.add_argument("--json", action="store_true", help="every preset's models: source, places looked, bytes, fetch command")
     m.set_defaults(run=_models)
     return parser
 

@@ -67,3 +67,4 @@ def load_models(models, device: torch.device | None = None, dtype: torch.dtype |
         unseen = [load_reward(src, device=device) for src in models.unseen_rewards]
         _CACHE[key] = LoadedModels(prior, target, unseen)
     return _CACHE[key]
+

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from protocol.errors import UnknownNameError
 from backend.psd.distill import DecodeConfig, GuidanceConfig, SecondNoise
+from backend.psd.loading import Layout, fetch_command, locate, models_dir, size_on_disk
 from backend.psd.negative import NegativeConfig
 from backend.psd.prior import PriorSource
 from backend.psd.rewards import HpsSource, PickScoreSource, RewardSource
@@ -26,6 +27,13 @@ class ModelSet:
     target_reward: RewardSource
     unseen_rewards: tuple[RewardSource, ...] = ()
     build_tiny: bool = False  # build the tiny models under $PSD3D_HOME before loading
+
+    def sources(self) -> list[tuple[str, str, Layout]]:
+        """(role, source, layout) of every file set this model set loads."""
+        found = self.prior.sources() + self.target_reward.sources("target reward")
+        for reward in self.unseen_rewards:
+            found += reward.sources("unseen reward")
+        return found
 
 
 @dataclass(frozen=True)
@@ -111,3 +119,19 @@ def get_preset(name: str, field_name: str = "preset") -> Preset:
 def with_overrides(guidance: GuidanceConfig, **overrides) -> GuidanceConfig:
     """A copy with the non-None overrides applied (spec fields left unset keep the preset's)."""
     return replace(guidance, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def model_report() -> dict:
+    """For ``psd3d models``: every preset's models by role, with the source, every place looked,
+    whether and where it is present, its bytes on disk and the command that fetches it."""
+    presets = []
+    for preset in PRESETS.values():
+        rows = []
+        for role, source, layout in preset.models.sources():
+            found = locate(source, layout)
+            rows.append({"role": role, "source": source, "looked": list(found.looked), "present": found.present,
+                         "path": found.path, "bytes": size_on_disk(found.path),
+                         "fetch": None if preset.models.build_tiny else fetch_command(source, layout)})
+        presets.append({"preset": preset.name, "description": preset.description,
+                        "built_on_first_use": preset.models.build_tiny, "models": rows})
+    return {"models_dir": str(models_dir()), "presets": presets}

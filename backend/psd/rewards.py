@@ -20,7 +20,7 @@ from typing import Protocol, Union
 import torch
 import torch.nn.functional as F
 
-from backend.psd.loading import load_or_explain, models_dir
+from backend.psd.loading import Layout, load_or_explain, split_file_source
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,11 +70,20 @@ class HpsSource:
     checkpoint: str = "xswu/HPSv2:HPS_v2.1_compressed.pt"
     model_config: str | None = None
 
+    def sources(self, role: str) -> list[tuple[str, str, Layout]]:
+        found = [(role, self.checkpoint, Layout.FILE)]
+        if self.model_config is not None:
+            found.append((f"{role} (open_clip config)", self.model_config, Layout.FILE))
+        return found
+
 
 @dataclass(frozen=True)
 class PickScoreSource:
     model: str = "yuvalkirstain/PickScore_v1"
     processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    def sources(self, role: str) -> list[tuple[str, str, Layout]]:
+        return [(role, self.model, Layout.TRANSFORMERS_MODEL), (f"{role} (processor)", self.processor, Layout.PROCESSOR)]
 
 
 RewardSource = Union[HpsSource, PickScoreSource]
@@ -95,7 +104,7 @@ class HpsReward:
         if source.model_config is not None:
             open_clip.add_model_config(Path(load_or_explain(
                 "open_clip model config", source.model_config, "preset.target_reward",
-                lambda loc, lo: _existing_file(loc))))
+                lambda loc, lo: _existing_file(loc), Layout.FILE)))
 
         def load(location: str, local_only: bool):
             path = _checkpoint_path(location, local_only)
@@ -104,7 +113,7 @@ class HpsReward:
             model.load_state_dict(state["state_dict"])
             return model
 
-        model = load_or_explain("HPSv2.1 reward checkpoint", source.checkpoint, "preset.target_reward", load)
+        model = load_or_explain("HPSv2.1 reward checkpoint", source.checkpoint, "preset.target_reward", load, Layout.FILE)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         return cls(model.to(device=device, dtype=dtype), open_clip.get_tokenizer(source.arch), int(size))
@@ -139,11 +148,13 @@ class PickScoreReward:
         model = load_or_explain(
             "PickScore model", source.model, "preset.unseen_reward",
             lambda loc, lo: CLIPModel.from_pretrained(loc, local_files_only=lo, torch_dtype=dtype),
+            Layout.TRANSFORMERS_MODEL,
         )
         tok, proc = load_or_explain(
             "PickScore processor", source.processor, "preset.unseen_reward",
             lambda loc, lo: (CLIPTokenizer.from_pretrained(loc, local_files_only=lo),
                              CLIPImageProcessor.from_pretrained(loc, local_files_only=lo)),
+            Layout.PROCESSOR,
         )
         crop = proc.crop_size
         crop = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
@@ -183,14 +194,12 @@ def _existing_file(location: str) -> str:
 
 
 def _checkpoint_path(location: str, local_only: bool) -> str:
+    """A checkpoint file: a local path as it is; ``owner/repo:file`` from the hub cache (or the hub)."""
     if Path(location).is_file():
         return location
-    if ":" not in location:
+    file_source = split_file_source(location)
+    if file_source is None:
         raise OSError(f"no checkpoint file at {location} (a hub source is written 'owner/repo:file')")
     from huggingface_hub import hf_hub_download
 
-    repo, filename = location.split(":", 1)
-    placed = models_dir() / filename
-    if placed.is_file():
-        return str(placed)
-    return hf_hub_download(repo, filename, local_files_only=local_only)
+    return hf_hub_download(*file_source, local_files_only=local_only)
