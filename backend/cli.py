@@ -32,7 +32,7 @@ def _mesh3d(args: argparse.Namespace) -> int:
                   negative_prompt=args.negative_prompt, negative_embedding=args.negative_embedding,
                   guidance_scale=args.guidance_scale, reward_scale=args.reward_scale, interval=args.interval)
     if args.command == "refine":
-        events = run_refine(RefineSpec(mesh=str(args.mesh), **common), args.out, resume=args.resume)
+        events = run_refine(RefineSpec(mesh=str(args.mesh), max_t=args.max_t, **common), args.out, resume=args.resume)
     else:
         init = str(args.init_mesh) if args.init_mesh else None
         events = run_generate(GenerateSpec(init_mesh=init, **common), args.out, resume=args.resume)
@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _spec_fields(args: argparse.Namespace) -> dict:
     """The flags as spec fields. For a server, ``--negative-embedding`` names a finished job (its id)."""
     keys = ("prompt", "method", "reward", "preset", "steps", "seed", "negative_prompt", "negative_embedding",
-            "guidance_scale", "reward_scale", "interval")
+            "guidance_scale", "reward_scale", "interval", "max_t")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reward-scale", type=float, default=None, help="k_r in sigmoid(k_r (r_l - r_w))")
         p.add_argument("--interval", type=int, default=None, help="run the pair and the n update every k-th step")
 
+    def max_t(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-t", type=float, default=None,
+                       help="refine strength: the largest noise level, a fraction of the diffusion schedule "
+                            "(default 0.404, the paper's texture stage; lower keeps more of your texture)")
+
     p = sub.add_parser("image2d", help="the 2D experiment (Algorithm 2): optimise one image by PSD, SDS or DreamDPO")
     common(p)
     p.set_defaults(run=_image2d)
@@ -252,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("refine", help="re-texture a mesh (its UVs kept; its texture the start)")
     common(r)
     r.add_argument("--mesh", type=Path, required=True, help="GLB/glTF/OBJ/PLY file")
+    max_t(r)
     r.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     r.set_defaults(run=_mesh3d)
 
@@ -279,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--init-mesh", type=Path, default=None)
         if name == "refine":
             sp.add_argument("--mesh", type=Path, required=True)
+            max_t(sp)
         sp.set_defaults(run=_submit)
     for name, fn, helptext in (("watch", _watch, "follow a job's progress"), ("cancel", _control, "cancel a job"),
                                ("finish", _control, "stop a job now and keep its current state as the result")):
