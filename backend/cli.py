@@ -32,10 +32,11 @@ def _mesh3d(args: argparse.Namespace) -> int:
                   negative_prompt=args.negative_prompt, negative_embedding=args.negative_embedding,
                   guidance_scale=args.guidance_scale, reward_scale=args.reward_scale, interval=args.interval)
     if args.command == "refine":
-        events = run_refine(RefineSpec(mesh=str(args.mesh), max_t=args.max_t, **common), args.out, resume=args.resume)
+        events = run_refine(RefineSpec(mesh=str(args.mesh), max_t=args.max_t, rasterizer=args.rasterizer, **common),
+                            args.out, resume=args.resume)
     else:
         init = str(args.init_mesh) if args.init_mesh else None
-        events = run_generate(GenerateSpec(init_mesh=init, **common), args.out, resume=args.resume)
+        events = run_generate(GenerateSpec(init_mesh=init, rasterizer=args.rasterizer, **common), args.out, resume=args.resume)
     print(f"psd3d {args.command}: {args.method} on {args.preset!r}, loading models…", file=sys.stderr)
     return _consume(events, args.method)
 
@@ -92,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _spec_fields(args: argparse.Namespace) -> dict:
     """The flags as spec fields. For a server, ``--negative-embedding`` names a finished job (its id)."""
     keys = ("prompt", "method", "reward", "preset", "steps", "seed", "negative_prompt", "negative_embedding",
-            "guidance_scale", "reward_scale", "interval", "max_t")
+            "guidance_scale", "reward_scale", "interval", "max_t", "rasterizer")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -220,7 +221,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from protocol.specs import METHODS, REWARDS
+    from protocol.specs import METHODS, RASTERIZERS, REWARDS
     from backend.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="psd3d", description="Preference Score Distillation: text to textured 3D props")
@@ -241,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reward-scale", type=float, default=None, help="k_r in sigmoid(k_r (r_l - r_w))")
         p.add_argument("--interval", type=int, default=None, help="run the pair and the n update every k-th step")
 
+    def rasterizer(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rasterizer", choices=RASTERIZERS, default=None,
+                       help="default: nvdiffrast on CUDA when it builds, else torch. nvdiffrast's licence is "
+                            "non-commercial; torch is this project's own (MIT)")
+
     def max_t(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-t", type=float, default=None,
                        help="refine strength: the largest noise level, a fraction of the diffusion schedule "
@@ -252,12 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to a textured mesh (DMTet geometry, then the texture stage)")
     common(g)
     g.add_argument("--init-mesh", type=Path, default=None, help="a blocked-out mesh to start from (kept in its frame)")
+    rasterizer(g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     g.set_defaults(run=_mesh3d)
     r = sub.add_parser("refine", help="re-texture a mesh (its UVs kept; its texture the start)")
     common(r)
     r.add_argument("--mesh", type=Path, required=True, help="GLB/glTF/OBJ/PLY file")
     max_t(r)
+    rasterizer(r)
     r.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     r.set_defaults(run=_mesh3d)
 
@@ -283,9 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--prompts-file", type=Path, default=None, help="a batch: one job per line of this file")
         if name == "generate":
             sp.add_argument("--init-mesh", type=Path, default=None)
+            rasterizer(sp)
         if name == "refine":
             sp.add_argument("--mesh", type=Path, required=True)
             max_t(sp)
+            rasterizer(sp)
         sp.set_defaults(run=_submit)
     for name, fn, helptext in (("watch", _watch, "follow a job's progress"), ("cancel", _control, "cancel a job"),
                                ("finish", _control, "stop a job now and keep its current state as the result")):

@@ -94,12 +94,30 @@ def check_camera_rig(rig) -> None:
         require(m[12:] == [0, 0, 0, 1], f"cameras.matrices[{i}]", "last row must be 0 0 0 1 (a rigid camera-to-world)")
 
 
+RASTERIZERS = ("torch", "nvdiffrast")  # nvdiffrast: CUDA only, NVIDIA's non-commercial licence
+
+
 @dataclass(kw_only=True)
-class RefineSpec(JobSpec):
+class MeshJobSpec(JobSpec):
+    """What the 3D pipelines add: a camera rig and the rasterizer."""
+
+    cameras: dict | None = None  # a camera rig (see check_camera_rig); None: the preset's orbit
+    # None: nvdiffrast on CUDA when it builds, else torch. "torch" is the permissively licensed path.
+    rasterizer: str | None = None
+
+    def validate(self, presets: tuple[str, ...]) -> None:
+        super().validate(presets)
+        if self.cameras is not None:
+            check_camera_rig(self.cameras)
+        if self.rasterizer is not None:
+            require_choice(self.rasterizer, RASTERIZERS, "rasterizer")
+
+
+@dataclass(kw_only=True)
+class RefineSpec(MeshJobSpec):
     """Re-texture a mesh: its UVs kept (unwrapped if it has none), its texture the start."""
 
     mesh: str  # path of a GLB/glTF/OBJ/PLY file on the backend's machine
-    cameras: dict | None = None  # a camera rig (see check_camera_rig); None: the preset's orbit
     # The largest noise level t / T refine may use on a textured mesh (its strength); None: the
     # preset's (0.404, the start of the paper's texture stage). Lower keeps more of the texture.
     max_t: float | None = None
@@ -111,21 +129,16 @@ class RefineSpec(JobSpec):
             require(isinstance(self.max_t, (int, float)) and not isinstance(self.max_t, bool) and math.isfinite(self.max_t)
                     and MIN_T <= self.max_t <= MAX_T, "max_t",
                     f"must be a number in [{MIN_T}, {MAX_T}] (a fraction of the diffusion schedule), got {self.max_t!r}")
-        if self.cameras is not None:
-            check_camera_rig(self.cameras)
 
 
 @dataclass(kw_only=True)
-class GenerateSpec(JobSpec):
+class GenerateSpec(MeshJobSpec):
     """Text to a textured mesh: DMTet geometry (from a primitive or a blocked-out mesh), then texture."""
 
     init_mesh: str | None = None  # a blocked-out mesh; its frame and scale are kept
-    cameras: dict | None = None  # a camera rig for the texture stage (see check_camera_rig)
 
     def validate(self, presets: tuple[str, ...]) -> None:
         super().validate(presets)
-        if self.cameras is not None:
-            check_camera_rig(self.cameras)
         if self.init_mesh is not None:
             require(isinstance(self.init_mesh, str) and self.init_mesh.strip() != "", "init_mesh", "must name a mesh file")
 

@@ -71,11 +71,12 @@ class GeometryStage(DistillationStage):
     CHECKPOINT = "checkpoints/geometry.pt"
 
     def __init__(self, models: LoadedModels, prompt: str, negative_init: torch.Tensor, sdf_init: torch.Tensor,
-                 grid: TetGrid, settings: GeometrySettings, seed: int, out_dir: Path, to_world: Callable) -> None:
+                 grid: TetGrid, settings: GeometrySettings, seed: int, out_dir: Path, to_world: Callable,
+                 ctx: RasterContext | None = None) -> None:
         self.models, self.settings, self.out, self.to_world = models, settings, out_dir, to_world
         prior = models.prior
         self.device = prior.device
-        self.ctx = RasterContext(self.device)
+        self.ctx = ctx or RasterContext(self.device)
         self.grid = TetGrid(grid.vertices.to(self.device), grid.tets.to(self.device), grid.resolution)
         self.sdf = torch.nn.Parameter(sdf_init.to(self.device).float().clone())
         self.deform = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))

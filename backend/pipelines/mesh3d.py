@@ -31,6 +31,7 @@ from backend.pipelines.results import finish, mesh_snapshot_arrays
 from backend.pipelines.texture_stage import TextureStage
 from backend.presets import PRESETS, Preset, get_preset, with_overrides
 from backend.render.camera import rig_from_spec
+from backend.render.ops import Backend, RasterContext
 from backend.psd.distill import Method
 from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS, NegativeEmbedding
 
@@ -55,8 +56,8 @@ def run_generate(spec: GenerateSpec, out_dir: str | Path, models: LoadedModels |
     yield from _guarded(_generate(spec, Path(out_dir), models, should_stop, resume), Path(out_dir))
 
 
-def _prepare(spec, out: Path, models: LoadedModels | None) -> tuple[Preset, LoadedModels, torch.Tensor]:
-    """Shared checks and set-up: spec, preset, models, prompt, the initial negative embedding."""
+def _prepare(spec, out: Path, models: LoadedModels | None) -> tuple[Preset, LoadedModels, torch.Tensor, RasterContext]:
+    """Shared checks and set-up: spec, preset, models, prompt, the initial negative embedding, the rasterizer."""
     spec.validate(tuple(PRESETS))
     preset = get_preset(spec.preset)
     models = (models or load_models(preset.models)).with_target(spec.reward)
@@ -70,9 +71,10 @@ def _prepare(spec, out: Path, models: LoadedModels | None) -> tuple[Preset, Load
         if negative_prompt.strip():
             prior.check_prompt(negative_prompt, "negative_prompt")
         n0 = prior.encode_text([negative_prompt], field="negative_prompt")
+    ctx = RasterContext(prior.device, Backend(spec.rasterizer) if spec.rasterizer else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.txt").unlink(missing_ok=True)
-    return preset, models, n0.to(prior.device)
+    return preset, models, n0.to(prior.device), ctx
 
 
 def _texture_guidance(preset: Preset, spec):
@@ -81,7 +83,7 @@ def _texture_guidance(preset: Preset, spec):
 
 
 def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
-    preset, models, n0 = _prepare(spec, out, models)
+    preset, models, n0, ctx = _prepare(spec, out, models)
     mesh, warnings = repair(load_mesh(spec.mesh, "mesh"), "mesh")
     if mesh.uvs is None:
         mesh, report = unwrap(mesh, max_faces=None)  # the artist's geometry is kept as it is
@@ -102,7 +104,8 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
         schedule = preset.texture.schedule.capped(spec.max_t if spec.max_t is not None else preset.texture.refine_max_t)
     else:
         warnings.append("mesh: has no texture; refine paints one from blank (full noise range)")
-    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig, schedule=schedule)
+    stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig, schedule=schedule,
+                         ctx=ctx)
     if resume:
         stage.load_checkpoint()
     stage.log.final["warnings"] = warnings
@@ -114,7 +117,7 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
 
 
 def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
-    preset, models, n0 = _prepare(spec, out, models)
+    preset, models, n0, ctx = _prepare(spec, out, models)
     geo = preset.geometry
     grid = TetGrid.cube(geo.grid_resolution)
     if spec.init_mesh:
@@ -133,7 +136,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     atomic_write_json(out / "spec.json", {"pipeline": "generate", "spec": spec.to_dict(), "geometry_steps": geo_steps,
                                           "texture_steps": tex_steps, "guidance": config_to_json(guidance)})
     to_world = norm.to_world
-    geometry = GeometryStage(models, spec.prompt, n0, sdf0, grid, geo, spec.seed, out, to_world)
+    geometry = GeometryStage(models, spec.prompt, n0, sdf0, grid, geo, spec.seed, out, to_world, ctx)
     if resume:
         geometry.load_checkpoint()
     yield from geometry.run(geo_steps, should_stop)
@@ -154,7 +157,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
                 world.faces, world.uvs)
     rig = rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale)
     stage = TextureStage(models, unit, spec.prompt, n0, preset.texture, guidance, spec.seed, out, rig,
-                         checkpoint_tag=geometry.step)
+                         checkpoint_tag=geometry.step, ctx=ctx)
     if resume:
         stage.load_checkpoint()
     stage.log.final["warnings"] = warnings

@@ -69,18 +69,19 @@ class TextureStage(DistillationStage):
 
     def __init__(self, models: LoadedModels, mesh: Mesh, prompt: str, negative_init: torch.Tensor,
                  settings: TextureSettings, guidance: GuidanceConfig, seed: int, out_dir: Path, rig=None,
-                 checkpoint_tag: int = 0, schedule=None) -> None:
+                 checkpoint_tag: int = 0, schedule=None, ctx: RasterContext | None = None) -> None:
         """``mesh`` in the unit optimisation frame with per-corner UVs; its texture (if any) is the start.
         ``rig`` (an OrbitSpec or CameraList in the unit frame) replaces the preset's cameras;
         ``checkpoint_tag`` names the mesh a checkpoint belongs to (generate: the geometry step), so a
         checkpoint made for another mesh is never loaded. ``schedule`` replaces t(tau): by default
-        ``settings.schedule`` when the mesh has a texture, else ``settings.blank_schedule``."""
+        ``settings.schedule`` when the mesh has a texture, else ``settings.blank_schedule``. ``ctx``:
+        the job's rasterizer (default: RasterContext's choice for the prior's device)."""
         self.schedule = schedule or (settings.schedule if mesh.texture is not None else settings.blank_schedule)
         self.checkpoint_tag = checkpoint_tag
         self.models, self.mesh, self.settings, self.out = models, mesh, settings, out_dir
         prior = models.prior
         self.device = prior.device
-        self.ctx = RasterContext(self.device)
+        self.ctx = ctx or RasterContext(self.device)
         init = None
         # an artist's texture keeps its alpha and its texels outside the charts; a new one gets seam padding
         self.alpha = None if mesh.texture is None else mesh.texture[..., 3:].copy()
