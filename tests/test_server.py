@@ -279,6 +279,28 @@ def test_refine_an_uploaded_mesh(server):
         assert err.value.field == "arrays.texture"
 
 
+@pytest.mark.parametrize("with_texture", [True, False], ids=["own-image", "no-image"])
+def test_refine_keeps_the_uploaded_uvs_with_or_without_a_texture(server, tmp_path, with_texture):
+    """The uploaded UVs reach the job unchanged: out.glb's UVs equal them, corner by corner."""
+    from backend.geometry.mesh import load_mesh
+    from backend.geometry.primitives import uv_sphere
+
+    v, f, uv = uv_sphere(12, 6, radius=0.4)
+    uv = uv * 0.5 + 0.25  # not what xatlas would make
+    mesh = {"positions": v.numpy().astype(np.float32), "faces": f.numpy().astype(np.int32), "uvs": uv.numpy().astype(np.float32)}
+    if with_texture:
+        mesh["texture"] = np.full((16, 16, 4), 90, np.uint8)
+    with Client(server.endpoint, timeout=30) as client:
+        (job,) = client.submit("refine", {"prompt": "a ball", "steps": 1}, mesh=mesh)
+        assert isinstance(list(client.watch(job))[-1][1], Done)
+        _, files = client.result(job)
+    (tmp_path / "out.glb").write_bytes(files["out.glb"])
+    out = load_mesh(tmp_path / "out.glb")
+    assert out.faces.shape == f.shape
+    np.testing.assert_allclose(out.uvs.numpy(), mesh["uvs"], rtol=0, atol=1e-6)  # float32 rounding of glTF's v flip
+    assert not (server.store.root / "jobs" / job / "unwrap.json").exists()  # never unwrapped again
+
+
 def test_a_batch_becomes_one_job_per_prompt(server):
     with Client(server.endpoint) as client:
         reply = client.request("submit", {"pipeline": "image2d", "spec": {"steps": 1}, "prompts": ["a cup", "a hat", "a key"]})

@@ -108,13 +108,13 @@ def to_glb_bytes(mesh: Mesh) -> bytes:
     import trimesh
     from PIL import Image
 
-    if mesh.uvs is None or mesh.texture is None:
+    if mesh.uvs is None:
         tm = trimesh.Trimesh(mesh.positions.detach().cpu().numpy(), mesh.faces.cpu().numpy(), process=False)
-    else:
+    else:  # UVs are written with or without a texture: refine keeps an artist's UVs whatever the material
         pos, faces, uv = split_by_uv(mesh)
         uv = uv.astype(np.float64)  # 1 - (1 - v) is exact in float64 for float32 v: UVs come back byte-equal
-        material = trimesh.visual.material.PBRMaterial(
-            baseColorTexture=Image.fromarray(mesh.texture, "RGBA"), metallicFactor=0.0, roughnessFactor=0.8)
+        image = None if mesh.texture is None else Image.fromarray(mesh.texture, "RGBA")
+        material = trimesh.visual.material.PBRMaterial(baseColorTexture=image, metallicFactor=0.0, roughnessFactor=0.8)
         # trimesh stores UVs with the origin bottom-left and flips v when writing glTF
         visual = trimesh.visual.TextureVisuals(uv=np.stack([uv[:, 0], 1.0 - uv[:, 1]], 1), material=material)
         tm = trimesh.Trimesh(pos, faces, visual=visual, process=False)
