@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from backend.geometry.dmtet import CELL_TETS, TetGrid, marching_tets, sphere_sdf
+from backend.geometry.dmtet import CELL_TETS, TET_EDGES, TetGrid, marching_tets, sphere_sdf
+from backend.geometry.sdf import sdf_sign_entropy
 
 
 def signed_volume(v, f):
@@ -56,12 +58,63 @@ def test_empty_and_full_fields_give_no_surface():
         assert v.shape == (0, 3) and f.shape == (0, 3)
 
 
-def test_sdf_sign_entropy_is_zero_without_crossings_and_penalises_flips():
-    from backend.geometry.sdf import sdf_sign_entropy
+def all_tet_edges_deduplicated(tets):
+    """The reference: every tet's six edges, sorted, deduplicated by torch.unique."""
+    return torch.unique(tets[:, torch.tensor(TET_EDGES)].reshape(-1, 2).sort(dim=1).values, dim=0)
 
+
+@pytest.mark.parametrize("res", [1, 2, 3, 6])
+def test_cached_grid_edges_are_the_deduplicated_tet_edges(res):
+    grid = TetGrid.cube(res)
+    expected = all_tet_edges_deduplicated(grid.tets)
+    assert torch.equal(grid.edges, expected)  # same rows, same (lexicographic) order
+    assert grid.edges.shape[0] == 3 * res * (res + 1) ** 2 + 3 * res**2 * (res + 1) + res**3
+    assert grid.edges is grid.edges  # built once
+
+
+def reference_sdf_sign_entropy(sdf, tets):
+    """sdf_sign_entropy as it was before the edge list was cached (deduplicating every call)."""
+    e = all_tet_edges_deduplicated(tets)
+    a, b = sdf[e[:, 0]], sdf[e[:, 1]]
+    flip = (a > 0) != (b > 0)
+    a, b = a[flip], b[flip]
+    return 0.5 * (F.binary_cross_entropy_with_logits(a, (b > 0).float()) + F.binary_cross_entropy_with_logits(b, (a > 0).float()))
+
+
+def test_sdf_sign_entropy_on_cached_edges_matches_the_reference():
+    grid = TetGrid.cube(7)
+    noise = torch.randn(grid.vertices.shape[0], generator=torch.Generator().manual_seed(0))
+    sdf = (sphere_sdf(grid.vertices, 0.5) + 0.1 * noise).requires_grad_(True)
+    value = sdf_sign_entropy(sdf, grid.edges)
+    (grad,) = torch.autograd.grad(value, sdf)
+    ref = reference_sdf_sign_entropy(sdf, grid.tets)
+    (ref_grad,) = torch.autograd.grad(ref, sdf)
+    assert value.item() > 0
+    torch.testing.assert_close(value, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+
+
+def test_sdf_sign_entropy_is_zero_without_crossings_and_penalises_flips():
     grid = TetGrid.cube(4)
-    assert float(sdf_sign_entropy(torch.ones(grid.vertices.shape[0]), grid.tets)) == 0.0
+    assert float(sdf_sign_entropy(torch.ones(grid.vertices.shape[0]), grid.edges)) == 0.0
     sdf = sphere_sdf(grid.vertices, 0.5).requires_grad_(True)
-    loss = sdf_sign_entropy(sdf, grid.tets)
+    loss = sdf_sign_entropy(sdf, grid.edges)
     loss.backward()
-    assert float(loss) > 0 and sdf.grad.abs().sum() > 0
+    assert loss.item() > 0 and sdf.grad.abs().sum() > 0
+
+
+def test_geometry_stage_step_uses_the_grids_cached_edges(tmp_path, tiny):
+    """One geometry-stage update with the SDF regulariser on: it runs on the stage's grid edges
+    (moved to the stage's device, built once) and moves the SDF."""
+    from dataclasses import replace
+
+    from backend.pipelines.geometry_stage import GeometrySettings, GeometryStage
+
+    settings = replace(GeometrySettings(), grid_resolution=8, render_size=32, prior_size=32, sdf_sign_weight=0.01)
+    grid = TetGrid.cube(settings.grid_resolution)
+    sdf0 = sphere_sdf(grid.vertices, 0.5)
+    n0 = tiny.prior.encode_text(["low quality"])
+    stage = GeometryStage(tiny, "a ball", n0, sdf0, grid, settings, seed=0, out_dir=tmp_path, to_world=lambda v: v)
+    stage.update(total=10)
+    assert torch.equal(stage.grid.edges, grid.edges) and stage.grid.edges is stage.grid.edges
+    assert not torch.equal(stage.sdf.detach(), sdf0)

@@ -59,15 +59,17 @@ def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Ten
     return (1 - (fn[pairs[:, 0]] * fn[pairs[:, 1]]).sum(-1)).mean()
 
 
-def sdf_sign_entropy(sdf: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
+def sdf_sign_entropy(sdf: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """nvdiffrec's SDF regulariser: on grid edges whose endpoints differ in sign, the binary
     cross-entropy of each endpoint's sigmoid(sdf) against the other's sign. Discourages
-    spurious sign flips (floaters, internal faces)."""
-    e = tets[:, [0, 1, 0, 2, 0, 3, 1, 2, 1, 3, 2, 3]].reshape(-1, 2)
-    e = torch.unique(e.sort(dim=1).values, dim=0)
-    a, b = sdf[e[:, 0]], sdf[e[:, 1]]
-    flip = (a > 0) != (b > 0)
-    a, b = a[flip], b[flip]
-    if a.numel() == 0:
+    spurious sign flips (floaters, internal faces).
+
+    sdf (V,); edges (E,2) long, each grid edge once (:attr:`backend.geometry.dmtet.TetGrid.edges`,
+    built once with the grid). Only the edges that flip sign enter the graph."""
+    positive = (sdf.detach() > 0).view(torch.uint8)
+    flip = positive.index_select(0, edges[:, 0]) != positive.index_select(0, edges[:, 1])
+    e = edges[flip]
+    if e.numel() == 0:
         return sdf.sum() * 0
+    a, b = sdf[e[:, 0]], sdf[e[:, 1]]
     return 0.5 * (F.binary_cross_entropy_with_logits(a, (b > 0).float()) + F.binary_cross_entropy_with_logits(b, (a > 0).float()))
