@@ -99,6 +99,31 @@ def test_generate_streams_mesh_then_texture_and_writes_a_textured_glb(tmp_path, 
     assert np.all(np.abs(geom.bounds) < 1.0)  # the unit frame when no init mesh is given
 
 
+def _stop_after(n_polls: int):
+    count = {"n": 0}
+
+    def should_stop():
+        count["n"] += 1
+        return count["n"] > n_polls
+    return should_stop
+
+
+@pytest.mark.parametrize("polls", [2, 6], ids=["in-geometry", "in-texture"])
+def test_stop_and_keep_streams_exactly_the_kept_result(tmp_path, tiny, polls):
+    """Stopped in any stage, the last mesh and texture snapshots are out.glb (no black prop, nothing behind)."""
+    events = list(run_generate(GenerateSpec(prompt="a teapot", steps=4, seed=1), tmp_path, models=tiny,
+                               should_stop=_stop_after(polls)))
+    assert isinstance(events[-1], Done), events[-1]
+    last_mesh = max(i for i, e in enumerate(events) if isinstance(e, MeshSnapshot))
+    last_texture = max(i for i, e in enumerate(events) if isinstance(e, TextureSnapshot))
+    assert last_texture > last_mesh  # the kept mesh is textured after it arrives
+    mesh, texture = events[last_mesh], events[last_texture]
+    out = load_mesh(tmp_path / "out.glb")
+    assert np.array_equal(texture.image, out.texture)
+    assert mesh.faces.shape[0] == out.faces.shape[0]
+    np.testing.assert_allclose(mesh.positions[mesh.faces], out.positions[out.faces].numpy(), atol=1e-6)
+
+
 def test_generate_from_a_blocked_out_mesh_stays_in_its_frame(tmp_path, tiny, asymmetric_glb):
     events = list(run_generate(GenerateSpec(prompt="a rugby ball", steps=2, init_mesh=str(asymmetric_glb / "asym_nouv.glb")),
                                tmp_path, models=tiny))

@@ -112,7 +112,7 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     pos, faces, uvs = mesh_snapshot_arrays(mesh)
     yield MeshSnapshot(stage.step, pos, faces, uvs, mesh.topology_id)
     yield TextureSnapshot(stage.step, stage.texture_rgba())
-    yield from stage.run(total, should_stop)
+    yield from stage.run(total, should_stop, shown=stage.step)
     yield finish(stage, Mesh(mesh.positions, mesh.faces, mesh.uvs), spec.prompt, out, f"refine {spec.method}: {spec.prompt}")
 
 
@@ -163,5 +163,6 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     stage.log.final["warnings"] = warnings
     pos, f, uvs = mesh_snapshot_arrays(world)
     yield MeshSnapshot(geometry.step, pos, f, uvs, geometry.topology_id + 1)
-    yield from stage.run(tex_steps, should_stop)
+    yield TextureSnapshot(stage.step, stage.texture_rgba())  # the unwrapped mesh is never shown untextured
+    yield from stage.run(tex_steps, should_stop, shown=stage.step)
     yield finish(stage, world, spec.prompt, out, f"generate {spec.method}: {spec.prompt}")

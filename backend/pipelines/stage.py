@@ -32,11 +32,13 @@ class DistillationStage(ABC):
     @abstractmethod
     def save_checkpoint(self) -> None: ...
 
-    def run(self, total: int, should_stop: Callable[[], bool]) -> Iterator:
+    def run(self, total: int, should_stop: Callable[[], bool], shown: int | None = None) -> Iterator:
+        """Steps until ``total`` or until ``should_stop()``; either way the last event is a snapshot
+        of the current state, so a client that stops a job holds exactly what the job keeps.
+        ``shown``: the step whose snapshot the caller has already sent."""
         s = self.settings
-        while self.step < total:
-            if should_stop():
-                return
+        snapshot_at = shown
+        while self.step < total and not should_stop():
             start = time.perf_counter()
             t, out, extra = self.update(total)
             self.step += 1
@@ -45,5 +47,8 @@ class DistillationStage(ABC):
             yield Progress(self.step, total, self.name, record)
             if self.step % s.snapshot_every == 0 or self.step == total:
                 yield self.snapshot_event()
+                snapshot_at = self.step
             if self.step % s.checkpoint_every == 0:
                 self.save_checkpoint()
+        if snapshot_at != self.step:
+            yield self.snapshot_event()
