@@ -1,15 +1,22 @@
 #!/usr/bin/env python
-"""Rasterizer cost: rasterize + interpolate (normals) + backward to positions and attributes,
-for 10k / 50k / 200k faces at 256^2 and 512^2 on the torch backend, and nvdiffrast vs torch
-on the same scenes where CUDA is present.
+"""Rasterizer cost per view: rasterize + interpolate (a colour per vertex) + antialias + backward
+to positions and attributes, for 10k / 50k / 200k faces at 256^2 and 512^2.
 
-    .venv/bin/python scripts/bench/render.py
+Columns: the torch backend on the CPU with antialias (``torch_cpu``) and without it
+(``cpu_no_aa``, what antialias adds); where CUDA is present, the torch backend on the GPU and
+nvdiffrast, timed in interleaved rounds (one call of each per round, so drift in clocks or
+load hits both alike), and their ratio. Each cell is the median over the rounds, in ms.
+The last line is the summary that issues quote:
+``torch_cpu_50k_256=<ms>`` and, with a GPU, ``torch_vs_nvdiffrast=<torch_cuda / nvdiffrast at 50k, 512^2>``.
+
+    .venv/bin/python scripts/bench/render.py [--rounds 7] [--faces 50000] [--res 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,60 +27,94 @@ import torch  # noqa: E402
 
 from backend.geometry.primitives import uv_sphere  # noqa: E402
 from backend.render.camera import OrbitSpec, to_clip  # noqa: E402
-from backend.render.ops import Backend, RasterContext, interpolate, nvdiffrast_available, rasterize  # noqa: E402
+from backend.render.ops import (Backend, RasterContext, RasterizerUnavailableError, antialias, interpolate,  # noqa: E402
+                                rasterize)
 
 
 def scene(faces: int, res: int, device):
     seg = int(math.sqrt(faces / 2)) * 2
     verts, tri, _ = uv_sphere(seg, faces // (2 * seg) + 1, radius=0.6, bumps=0.05)
     cams = OrbitSpec(width=res, height=res, fov_y=(50.0, 50.0), distance=(1.8, 1.8)).turntable(1)
-    return verts.to(device), tri.to(device), cams
+    colours = torch.rand(verts.shape[0], 3, generator=torch.Generator().manual_seed(0))
+    return verts.to(device), tri.to(device), colours.to(device), cams
 
 
-def time_one(ctx, verts, tri, cams, res, repeats, sync) -> float:
-    def run():
-        v = verts.clone().requires_grad_(True)
-        pos = to_clip(v, cams)
-        rast = rasterize(ctx, pos, tri, (res, res))
-        attr = interpolate(ctx, v, rast, tri)
-        (attr.square().sum() + rast[..., :3].sum()).backward()
+def step(ctx, verts, tri, colours, cams, res, with_antialias: bool) -> None:
+    """One differentiable render and its backward, as a distillation step does it."""
+    v = verts.clone().requires_grad_(True)
+    c = colours.clone().requires_grad_(True)
+    pos = to_clip(v, cams)
+    rast = rasterize(ctx, pos, tri, (res, res))
+    image = interpolate(ctx, c, rast, tri)
+    if with_antialias:
+        image = antialias(ctx, image, rast, pos, tri)
+    (image.square().sum() + rast[..., :3].sum()).backward()
 
-    run()  # warm-up (and nvdiffrast's JIT)
+
+def timed(fn, sync) -> float:
     sync()
     start = time.perf_counter()
-    for _ in range(repeats):
-        run()
+    fn()
     sync()
-    return (time.perf_counter() - start) / repeats * 1000
+    return (time.perf_counter() - start) * 1000
+
+
+def bench(runs: dict, rounds: int) -> dict:
+    """runs: name -> (callable, sync). One warm-up each (nvdiffrast's JIT, allocator), then
+    ``rounds`` rounds calling each once in turn; the median per name, in ms."""
+    for fn, sync in runs.values():
+        timed(fn, sync)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (fn, sync) in runs.items():
+            times[name].append(timed(fn, sync))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--faces", type=int, nargs="*", default=[10_000, 50_000, 200_000])
+    ap.add_argument("--res", type=int, nargs="*", default=[256, 512])
     args = ap.parse_args()
+    cpu_sync = lambda: None  # noqa: E731
+    contexts = {"torch_cpu": RasterContext("cpu", Backend.TORCH)}
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    backends = [("torch_cpu", RasterContext("cpu", Backend.TORCH), "cpu")]
     if cuda:
-        backends.append(("torch_cuda", RasterContext("cuda", Backend.TORCH), "cuda"))
-        if nvdiffrast_available():
-            backends.append(("nvdiffrast", RasterContext("cuda", Backend.NVDIFFRAST), "cuda"))
-    print(f"threads {torch.get_num_threads()}; rasterize + interpolate + backward, ms per view")
-    print(f"{'faces':>8} {'res':>5} " + " ".join(f"{name:>12}" for name, _, _ in backends))
+        contexts["torch_cuda"] = RasterContext("cuda", Backend.TORCH)
+        try:
+            contexts["nvdiffrast"] = RasterContext("cuda", Backend.NVDIFFRAST)
+        except RasterizerUnavailableError as err:
+            print(f"nvdiffrast: {err.message}")
+    columns = ["torch_cpu", "cpu_no_aa"] + [n for n in ("torch_cuda", "nvdiffrast") if n in contexts]
+    if "nvdiffrast" in contexts:
+        columns.append("ratio")
+    device_name = torch.cuda.get_device_name() if cuda else "no GPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {device_name}; "
+          "rasterize + interpolate + antialias + backward, median ms per view")
+    print(f"{'faces':>8} {'res':>5} " + " ".join(f"{c:>11}" for c in columns))
     results = {}
-    for faces in (10_000, 50_000, 200_000):
-        for res in (256, 512):
-            row = []
-            for name, ctx, device in backends:
-                verts, tri, cams = scene(faces, res, device)
-                ms = time_one(ctx, verts, tri, cams, res, args.repeats, sync if device == "cuda" else (lambda: None))
-                results[(name, faces, res)] = ms
-                row.append(f"{ms:12.1f}")
-            print(f"{faces:>8} {res:>5} " + " ".join(row), flush=True)
-    line = f"torch_cpu_50k_256={results[('torch_cpu', 50_000, 256)]:.0f}ms"
-    if ("nvdiffrast", 50_000, 256) in results:
-        line += f" nvdiffrast_speedup={results[('torch_cuda', 50_000, 256)] / results[('nvdiffrast', 50_000, 256)]:.1f}x"
-    print(line)
+    for faces in args.faces:
+        for res in args.res:
+            cpu_scene = scene(faces, res, "cpu")
+            row = bench({
+                "torch_cpu": (lambda: step(contexts["torch_cpu"], *cpu_scene, res, True), cpu_sync),
+                "cpu_no_aa": (lambda: step(contexts["torch_cpu"], *cpu_scene, res, False), cpu_sync),
+            }, args.rounds)
+            if cuda:
+                gpu_scene = scene(faces, res, "cuda")
+                row.update(bench({name: (lambda ctx=contexts[name]: step(ctx, *gpu_scene, res, True), torch.cuda.synchronize)
+                                  for name in ("torch_cuda", "nvdiffrast") if name in contexts}, args.rounds))
+            if "nvdiffrast" in row:
+                row["ratio"] = row["torch_cuda"] / row["nvdiffrast"]
+            results[(faces, res)] = row
+            print(f"{faces:>8} {res:>5} " + " ".join(f"{row[c]:>11.2f}" for c in columns), flush=True)
+    summary = []
+    if (50_000, 256) in results:
+        summary.append(f"torch_cpu_50k_256={results[(50_000, 256)]['torch_cpu']:.0f}")
+    if (50_000, 512) in results and "ratio" in results[(50_000, 512)]:
+        summary.append(f"torch_vs_nvdiffrast={results[(50_000, 512)]['ratio']:.2f}")
+    print(" ".join(summary) if summary else "no 50k-face row measured")
 
 
 if __name__ == "__main__":
