@@ -78,7 +78,7 @@ def _run(spec: Image2dSpec, out: Path, models: LoadedModels | None, should_stop)
     atomic_write_json(out / "spec.json", {"spec": spec.to_dict(), "steps": steps, "guidance": config_to_json(guidance)})
 
     # 4. the loop (Alg. 2 lines 4-13)
-    done_steps = 0
+    done_steps, snapshot = 0, False
     for i in range(steps):
         if should_stop():
             break
@@ -101,9 +101,12 @@ def _run(spec: Image2dSpec, out: Path, models: LoadedModels | None, should_stop)
             with torch.no_grad():
                 yield ImageSnapshot(done_steps, to_rgba8(prior.decode_latents(latent.detach())))
 
-    # 5. results
+    # 5. results (a stopped run's last snapshot is the kept image)
     with torch.no_grad():
         image = prior.decode_latents(latent.detach())
+    if not snapshot:
+        yield ImageSnapshot(done_steps, to_rgba8(image))
+    with torch.no_grad():
         log.final["steps_done"] = done_steps
         log.final["target_reward"] = float(target.score(image, text_features).mean())
         log.final["target_reward_name"] = target.name
