@@ -1,0 +1,58 @@
+"""scripts/gpu/check, the one command for a lent GPU machine, runs every section on tiny CPU shapes
+(--cpu-smoke), so it works the day a GPU is there."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("environment", "pytest_gpu", "models", "image2d", "texture", "geometry", "step_cost", "half_precision",
+            "render")
+OPTIONAL_BENCHES = {"half_precision"}  # may be "missing" while scripts/bench/half_precision.py is not written
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory, psd3d_home):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "PSD3D_CHECK_START", "PYTHONPATH")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PSD3D_HOME=psd3d_home,
+               PSD3D_GPU_SITE=str(out / "site"), TMPDIR=str(out))
+    proc = subprocess.run([str(REPO / "scripts" / "gpu" / "check"), "--cpu-smoke", str(out / "report")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=1500)
+    path = out / "report" / "report.json"
+    assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(path.read_text()), out / "report"
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_section_with_numbers(smoke_report):
+    proc, report, _ = smoke_report
+    assert report["mode"] == "cpu-smoke"
+    assert tuple(report["sections"]) == SECTIONS
+    for name, sec in report["sections"].items():
+        if name in OPTIONAL_BENCHES and sec["status"] == "missing":
+            assert "not in this checkout" in sec["note"]
+            continue
+        assert sec["status"] == "ok", f"{name}: {sec['status']}\n{sec['error']}"
+        assert sec["numbers"], name
+        assert all(isinstance(v, (int, float)) for v in sec["numbers"].values()), (name, sec["numbers"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_times_each_pipeline_and_parses_the_benches(smoke_report):
+    _, report, out = smoke_report
+    sections = report["sections"]
+    for name in ("image2d", "texture", "geometry"):
+        numbers = sections[name]["numbers"]
+        assert numbers["steps"] == 2 and numbers["s_per_step"] > 0 and numbers["peak_rss_gib"] > 0, (name, numbers)
+    assert sections["texture"]["numbers"]["faces"] == 2000
+    assert sections["geometry"]["numbers"]["grid"] == 16
+    assert {"psd_k1/sds", "psd_k5/sds", "dreamdpo/sds"} <= set(sections["step_cost"]["numbers"])
+    assert sections["pytest_gpu"]["numbers"]["failed"] == 0
+    assert (out / "report.md").read_text().startswith("# psd3d GPU check: cpu-smoke")
+    assert (out / "step_cost.log").is_file()
