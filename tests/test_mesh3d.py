@@ -124,6 +124,30 @@ def test_stop_and_keep_streams_exactly_the_kept_result(tmp_path, tiny, polls):
     np.testing.assert_allclose(mesh.positions[mesh.faces], out.positions[out.faces].numpy(), atol=1e-6)
 
 
+def test_the_preview_frames_the_whole_object(tmp_path, tiny):
+    """A cube's corners reach furthest from its centre: no view of the turntable may cut them off."""
+    import trimesh
+
+    box = trimesh.creation.box(extents=(2.0, 2.0, 2.0))
+    v = torch.from_numpy(np.asarray(box.vertices, np.float32))
+    f = torch.from_numpy(np.asarray(box.faces, np.int64))
+    uv = torch.full((f.shape[0], 3, 2), 0.5)
+    save_glb(Mesh(v, f, uv, np.full((8, 8, 4), 40, np.uint8)), tmp_path / "cube.glb")
+    done = list(run_refine(RefineSpec(mesh=str(tmp_path / "cube.glb"), prompt="a dark crate", steps=1), tmp_path / "out",
+                           models=tiny))[-1]
+    assert isinstance(done, Done), done
+    from PIL import Image
+
+    strip = np.asarray(Image.open(tmp_path / "out" / "preview.png").convert("RGB")).astype(int)
+    h, w = strip.shape[:2]
+    views = [strip[:, i * h:(i + 1) * h] for i in range(w // h)]
+    assert len(views) == 8
+    for view in views:
+        border = np.concatenate([view[0], view[-1], view[:, 0], view[:, -1]])
+        assert (border.min(axis=1) > 200).all()  # only the white background on every edge
+        assert (view.max(axis=2) < 150).mean() > 0.1  # and the crate is in the picture
+
+
 def test_generate_from_a_blocked_out_mesh_stays_in_its_frame(tmp_path, tiny, asymmetric_glb):
     events = list(run_generate(GenerateSpec(prompt="a rugby ball", steps=2, init_mesh=str(asymmetric_glb / "asym_nouv.glb")),
                                tmp_path, models=tiny))

@@ -3,7 +3,6 @@ reward_curve.png — DESIGN.md's shared schema."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from protocol.events import Done
 from backend.geometry.mesh import Mesh, save_glb
 from backend.outputs import plot_reward_curve, save_png, to_rgba8
 from backend.pipelines.texture_stage import TextureStage
+from backend.render.camera import OrbitSpec, framing_distance
 
 PREVIEW_VIEWS = 8
 
@@ -20,11 +20,16 @@ PREVIEW_VIEWS = 8
 PREVIEW_SIZE = 256
 
 
+PREVIEW_FOV = 45.0
+
+
 def turntable(stage: TextureStage, views: int = PREVIEW_VIEWS) -> torch.Tensor:
     """(views,3,H,W) renders evenly spaced around the object at 15 degrees elevation, at least
-    PREVIEW_SIZE pixels square (the reward resizes to its own input anyway)."""
+    PREVIEW_SIZE pixels square (the reward resizes to its own input anyway), from far enough that the
+    whole object is in every view."""
     size = max(PREVIEW_SIZE, stage.settings.render_size)
-    cams = replace(stage.settings.cameras, width=size, height=size, fov_y=(45.0, 45.0)).turntable(views)
+    dist = framing_distance(float(stage.positions.norm(dim=-1).max()), PREVIEW_FOV)
+    cams = OrbitSpec(distance=(dist, dist), fov_y=(PREVIEW_FOV, PREVIEW_FOV), width=size, height=size).turntable(views)
     with torch.no_grad():
         return stage.render(cams)
 

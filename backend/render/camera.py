@@ -50,6 +50,12 @@ def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)) -> torch.Tensor:
     return c2w
 
 
+def framing_distance(radius: float, fov_y: float, margin: float = 1.1) -> float:
+    """Distance at which a sphere of ``radius`` about the target fits a vertical (and, on a square
+    image, horizontal) field of view of ``fov_y`` degrees with ``margin`` to spare, from any direction."""
+    return margin * radius / math.sin(math.radians(fov_y) / 2)
+
+
 def orbit_position(elevation: float, azimuth: float, distance: float) -> tuple[float, float, float]:
     """Y-up orbit: azimuth 0 looks from +Z (the front), 90 from +X; elevation above the XZ plane."""
     el, az = math.radians(elevation), math.radians(azimuth)
