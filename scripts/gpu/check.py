@@ -7,7 +7,7 @@ Proposed README section ("On a lent GPU machine"):
     transformers, timm, numpy 2; no diffusers, open_clip, pyzmq, trimesh, xatlas or nvdiffrast) and
     offline, and take at most 64 MiB with a call. Prepare here, run one command there:
 
-        scripts/gpu/prepare          # here: the missing wheels into .wheels/ (~31 MiB, ignored by git)
+        scripts/gpu/prepare          # here: the missing wheels into .wheels/ (~32 MiB, ignored by git)
         scripts/gpu/check OUT        # there (carry .wheels): report.md + report.json in OUT, <= 8 min on an H100
         scripts/gpu/check --cpu-smoke OUT   # anywhere: the same code paths on tiny shapes (tests/test_gpu_check.py)
 
@@ -20,7 +20,7 @@ Proposed README section ("On a lent GPU machine"):
     |---|---|
     | environment | GPU, torch/CUDA, nvcc, the versions of every package the project imports |
     | pytest_gpu | nvdiffrast's JIT build (timed), then `pytest -m gpu` on the test files that have gpu tests (nvdiffrast vs the torch rasterizer) |
-    | models | random weights of the real sizes: SD 2.1 base UNet/VAE/text encoder, TAESD, open_clip ViT-H-14 (fp16) |
+    | models | random weights of the real sizes: SD 2.1 base UNet/VAE/text encoder and TAESD in fp16, open_clip ViT-H-14 (fp32, as load_models loads rewards) |
     | image2d | 20 steps of the 2D experiment at 64x64 latents (s/step, peak GPU memory) |
     | texture | 20 steps of refine's texture stage: 50k faces, 1024^2 texture, renders 1024 -> 512 |
     | geometry | 20 steps of the DMTet geometry stage, grid 128, renders 1024 -> 512 |
@@ -28,7 +28,8 @@ Proposed README section ("On a lent GPU machine"):
     | half_precision | scripts/bench/half_precision.py --shape sd21-shape --device cuda |
     | render | scripts/bench/render.py: rasterizer cost, torch vs nvdiffrast |
 
-    With the device tool: `run` with `carry: [".wheels"]`, command
+    `--only texture,render` reruns some sections (environment always runs; models with any
+    pipeline section). With the device tool: `run` with `carry: [".wheels"]`, command
     `scripts/gpu/check $OUT`, timeout_s 600. The subprocess sections' full output comes back
     beside the reports as <section>.log (7 files at most; the tool returns 8).
 
@@ -64,7 +65,6 @@ sys.path.insert(0, str(BENCH))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.cpp_extension import get_default_build_root  # noqa: E402
 
 from protocol.events import Failed, Progress  # noqa: E402
 from protocol.specs import Image2dSpec  # noqa: E402
@@ -85,6 +85,9 @@ MIN_START_S = 20.0  # a section that cannot have this much is skipped
 NVDIFFRAST_BUILD_S = 240.0  # at most this much of pytest_gpu's budget for nvdiffrast's JIT build
 BUILD_NVDIFFRAST = "import nvdiffrast.torch as dr; dr.RasterizeCudaContext(device='cuda'); print('nvdiffrast built')"
 TAIL = 4000  # characters of a traceback or of a bench's output kept in the report
+SECTIONS = ("environment", "pytest_gpu", "models", "image2d", "texture", "geometry", "step_cost", "half_precision",
+            "render")
+PIPELINES = ("image2d", "texture", "geometry")
 # modules the project imports (backend, tests, benches); nvdiffrast only where there is CUDA
 IMPORTS = ("diffusers", "open_clip", "transformers", "timm", "safetensors", "huggingface_hub", "ftfy", "regex",
            "zmq", "msgpack", "trimesh", "xatlas", "fast_simplification", "matplotlib", "PIL", "pytest")
@@ -245,18 +248,32 @@ class Check:
             print(tail(sec.error, 1500), flush=True)
         return sec
 
-    def run_all(self) -> None:
-        self.run("environment", self.environment)
-        self.run("pytest_gpu", self.pytest_gpu)
-        self.run("models", self.build_models, memory=True)
-        for name, fn in (("image2d", self.image2d), ("texture", self.texture), ("geometry", self.geometry)):
-            self.run(name, fn, memory=True)
-        self.models = None  # the benches below build their own, in their own processes
-        if self.cuda:
-            torch.cuda.empty_cache()
-        self.run("step_cost", lambda sec, until: self.bench(sec, until, "step_cost.py", self.plan.step_cost_args))
-        self.run("half_precision", lambda sec, until: self.bench(sec, until, "half_precision.py", self.plan.half_precision_args))
-        self.run("render", lambda sec, until: self.bench(sec, until, "render.py", self.plan.render_args))
+    def run_all(self, only: set[str] | None = None) -> None:
+        """Every section in order, or those in ``only`` (with environment, and models when a
+        pipeline section is asked for); the others are reported as skipped."""
+        steps = [
+            ("environment", self.environment, False),
+            ("pytest_gpu", self.pytest_gpu, False),
+            ("models", self.build_models, True),
+            ("image2d", self.image2d, True),
+            ("texture", self.texture, True),
+            ("geometry", self.geometry, True),
+            ("step_cost", lambda sec, until: self.bench(sec, until, "step_cost.py", self.plan.step_cost_args), False),
+            ("half_precision", lambda sec, until: self.bench(sec, until, "half_precision.py", self.plan.half_precision_args), False),
+            ("render", lambda sec, until: self.bench(sec, until, "render.py", self.plan.render_args), False),
+        ]
+        if only is not None:
+            only = only | {"environment"} | ({"models"} if only & set(PIPELINES) else set())
+        for name, fn, in_process in steps:
+            if name == "step_cost":  # the benches build their own models, in their own processes
+                self.models = None
+                if self.cuda:
+                    torch.cuda.empty_cache()
+            if only is None or name in only:
+                self.run(name, fn, memory=in_process)
+            else:
+                self.sections[name] = Section(name, status="skipped", note="not asked for (--only)")
+                self.write()
 
     # -- sections ------------------------------------------------------------------------------
     def environment(self, sec: Section, until: float) -> None:
@@ -317,6 +334,9 @@ class Check:
         try:
             rc, out, err = run_command([sys.executable, "-c", BUILD_NVDIFFRAST], until, self.out / "nvdiffrast_build.log")
         except SectionFailed:
+            # imported here: on a machine without CUDA its import logs a warning about CUDA_HOME
+            from torch.utils.cpp_extension import get_default_build_root
+
             for lock in Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()).rglob("lock"):
                 lock.unlink(missing_ok=True)
             self.rasterizer = Backend.TORCH
@@ -509,7 +529,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="folder for report.md, report.json and the benches' logs")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on a CPU, 2 steps each (a minute or two)")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections to run (a rerun of some): {','.join(SECTIONS)}")
     args = ap.parse_args()
+    only = None if args.only is None else {name.strip() for name in args.only.split(",") if name.strip()}
+    if only is not None and only - set(SECTIONS):
+        ap.error(f"--only: unknown section(s) {', '.join(sorted(only - set(SECTIONS)))}; choose from {', '.join(SECTIONS)}")
     plan = CPU_SMOKE if args.cpu_smoke else GPU
     if plan.mode == "gpu" and not torch.cuda.is_available():
         print("check: no CUDA device here; run with --cpu-smoke for the tiny CPU version", file=sys.stderr)
@@ -519,7 +543,7 @@ def main() -> int:
         torch.set_num_threads(plan.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)
     check = Check(plan, args.out)
-    check.run_all()
+    check.run_all(only)
     print()
     print((args.out / "report.md").read_text())
     return 1 if any(sec.status == "failed" for sec in check.sections.values()) else 0
