@@ -18,7 +18,7 @@ CLASSES = (*props.CLASSES, *prefs.CLASSES, *operators.CLASSES, *panel.CLASSES)
 @persistent
 def _on_load(_dummy) -> None:
     """A file was opened: its jobs (ids saved in the .blend) are followed again by the pump."""
-    operators.ensure_timer()
+    pump.ensure_timer()
 
 
 def register() -> None:
@@ -27,12 +27,11 @@ def register() -> None:
     props.register_properties()
     bpy.types.STATUSBAR_HT_header.append(panel.draw_status)
     bpy.app.handlers.load_post.append(_on_load)
-    operators.ensure_timer()
+    pump.ensure_timer()
 
 
 def unregister() -> None:
-    if bpy.app.timers.is_registered(pump.tick):
-        bpy.app.timers.unregister(pump.tick)
+    pump.stop_timer()
     if _on_load in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load)
     bpy.types.STATUSBAR_HT_header.remove(panel.draw_status)

@@ -34,6 +34,9 @@ def backend(tmp_path_factory, psd3d_home):
     env = dict(os.environ, PSD3D_HOME=psd3d_home, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", address, "--data", str(folder / "data"),
                              "--preset", "tiny"], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()  # bound once torch is imported (slow on a busy machine): then hellos answer in time
+    while not (folder / "psd.sock").exists() and proc.poll() is None and time.monotonic() - t0 < 300:
+        time.sleep(0.2)
     yield address
     proc.terminate()
     proc.wait(30)

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blender_addon.core import frames, library  # noqa: E402
+from blender_addon.core import frames, library, text  # noqa: E402
 
 
 def test_points_round_trip_and_y_up_becomes_z_up():
@@ -114,3 +114,74 @@ def test_tags_and_slugs():
     assert library.asset_tags("psd", 3, "hpsv2.1", 0.25) == ["psd3d", "method:psd", "seed:3", "hpsv2.1:0.2500"]
     assert library.slug("A  wooden chest, with iron!") == "a_wooden_chest_with_iron"
     assert library.slug("!!!") == "prop"
+
+
+# The bpy layer's modules as layers, bottom first: a module imports only modules of lower layers
+# (DESIGN.md: no import circles, no imports hidden inside functions to dodge one).
+BPY_LAYERS = (
+    {"connection", "jobs", "notices"},  # the session, the job index, notices and redraws
+    {"props", "scene"},  # settings; snapshots into Blender data
+    {"assets"},  # batch results as assets
+    {"results"},  # a finished job's files
+    {"pump"},  # the timer: events into the scene
+    {"operators"},
+    {"panel"},
+    {"prefs"},
+)
+
+
+def _relative_imports(tree):
+    """(module name imported, line, inside a function) for each ``from . import`` / ``from .x import``."""
+    import ast
+
+    out = []
+
+    def visit(node, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom) and child.level > 0:
+                if child.level == 1 and child.module:
+                    names = [child.module.split(".")[0]]
+                elif child.level == 1:
+                    names = [alias.name for alias in child.names]
+                else:
+                    names = [f"..{child.module or ''}"]
+                out.extend((name, child.lineno, nested) for name in names)
+            visit(child, nested)
+
+    visit(tree, False)
+    return out
+
+
+def test_the_bpy_layer_imports_downwards_only_and_at_module_level():
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "blender_addon" / "blender"
+    layer = {name: i for i, names in enumerate(BPY_LAYERS) for name in names}
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    assert modules == set(layer), f"place every module in BPY_LAYERS: {sorted(modules ^ set(layer))}"
+    problems = []
+    for name in sorted(modules):
+        tree = ast.parse((folder / f"{name}.py").read_text(), f"{name}.py")
+        for imported, line, in_function in _relative_imports(tree):
+            if in_function:
+                problems.append(f"{name}.py:{line} imports {imported} inside a function")
+            elif imported.startswith(".."):
+                if imported not in ("..core",):  # the bpy-free core sits below the whole bpy layer
+                    problems.append(f"{name}.py:{line} imports {imported}")
+            elif layer.get(imported, len(BPY_LAYERS)) >= layer[name]:
+                problems.append(f"{name}.py:{line} imports {imported} (layer {layer.get(imported)}, "
+                                f"not below {name}'s {layer[name]})")
+    assert not problems, "\n".join(problems)
+    for path in (folder.parent / "core").glob("*.py"):  # the core never reaches up into bpy
+        imports = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not [n for n in imports if isinstance(n, ast.ImportFrom) and n.level > 1], path.name
+        assert not [a.name for n in imports if isinstance(n, ast.Import) for a in n.names if a.name.startswith("bpy")]
+
+
+def test_messages_lose_the_servers_file_paths():
+    assert text.without_paths("cannot read /srv/psd3d/jobs/ab12/spec.json: no such file") == \
+        "cannot read …/spec.json: no such file"
+    assert text.without_paths(r"bad C:\data\jobs\x.glb") == "bad …/x.glb"
+    assert text.without_paths("no backend at tcp://127.0.0.1:5557") == "no backend at tcp://127.0.0.1:5557"
+    assert text.without_paths("steps: must be > 0 (got -1)") == "steps: must be > 0 (got -1)"

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core import library
 from . import scene
+from .jobs import find_job
 
 BATCH_KEY = "psd3d_batch"  # on a batch's collection
 SPACING = 1.5  # metres between props of a batch (in units of their size)
@@ -71,8 +72,6 @@ def preview_arrived(job: str, png: bytes) -> None:
     if obj is None:
         return
     set_preview(obj, png)
-    from .pump import find_job
-
     _, item = find_job(job)
     if item is not None:
         save_library(item.batch, library_blend(item))

@@ -12,7 +12,8 @@ import numpy as np
 from protocol.errors import Psd3dError
 
 from ..core import frames, library
-from . import connection, pump, results, scene
+from . import connection, notices, pump, results, scene
+from .notices import messages  # noqa: F401  (scripts/blender_demo.py reads operators.messages)
 
 SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
 
@@ -63,28 +64,10 @@ def submit(kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
         on_jobs(msg.body["jobs"], msg.body.get("batch"))
 
     def failed(exc):
-        print(f"psd3d: {kind} refused: {exc}")
-        report_later(f"psd3d: {kind} refused: {exc}")
+        notices.post(f"{kind} refused: {exc}")
 
     connection.session().request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
-    ensure_timer()
-
-
-_messages: list[str] = []  # errors that arrive in the pump, shown in the panel (a timer cannot report)
-
-
-def report_later(text: str) -> None:
-    _messages.append(text)
-    del _messages[:-5]
-
-
-def messages() -> list[str]:
-    return _messages
-
-
-def ensure_timer() -> None:
-    if not bpy.app.timers.is_registered(pump.tick):
-        bpy.app.timers.register(pump.tick, first_interval=0.05, persistent=True)
+    pump.ensure_timer()
 
 
 class _Op:
@@ -252,8 +235,8 @@ class _JobControl(_OnSelectedJob):
         item = _selected_job(context)
         job = item.job_id
         connection.session().request(self.request, {"job": job},
-                                     on_error=lambda exc: report_later(f"psd3d: {self.request} {job[:8]}: {exc}"))
-        ensure_timer()
+                                     on_error=lambda exc: notices.post(f"{self.request} {job[:8]}: {exc}"))
+        pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: {self.request} {job[:8]}")
         return {"FINISHED"}
 
@@ -331,7 +314,7 @@ class PSD_OT_fetch_results(_OnFinishedJob, bpy.types.Operator):
     def execute(self, context):
         item = _selected_job(context)
         results.fetch(item.job_id)
-        ensure_timer()
+        pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: fetching the results of {item.job_id[:8]} into {results.job_folder(item)}")
         return {"FINISHED"}
 
@@ -360,7 +343,7 @@ class PSD_OT_check_connection(_Op, bpy.types.Operator):
             connection.check()
         except (Psd3dError, OSError, ValueError) as exc:  # a malformed address or unreadable CURVE keys
             return self.fail(Exception(f"address: {exc}"))
-        ensure_timer()
+        pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: {connection.link.text}")
         return {"FINISHED"}
 
@@ -382,7 +365,7 @@ class PSD_OT_start_server(_Op, bpy.types.Operator):
         data.mkdir(parents=True, exist_ok=True)
         proc = connection.start_server(exe, p.address, str(data), data / "serve.log")
         connection.check()  # answered once the backend has bound its address
-        ensure_timer()
+        pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: backend started (pid {proc.pid}); log in {data / 'serve.log'}")
         return {"FINISHED"}
 

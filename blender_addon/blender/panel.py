@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import connection, operators, pump, results
+from . import connection, notices, pump, results
 from .props import STATE_ICONS
 
 
@@ -131,7 +131,7 @@ class PSD_PT_jobs(_Panel, bpy.types.Panel):
         row.operator("psd3d.revert", icon="LOOP_BACK")
         row.operator("psd3d.use_negative", text="Reuse Negative", icon="COPYDOWN")
         row.operator("psd3d.remove_job", text="", icon="X")
-        for text in operators.messages():
+        for text in notices.messages():
             layout.label(text=text, icon="ERROR")
 
 

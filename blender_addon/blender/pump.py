@@ -13,25 +13,23 @@ from protocol.events import Done, Failed, MeshSnapshot, Progress, TextureSnapsho
 from protocol.session import JobEvent
 
 from ..core import frames
-from . import assets, connection, results, scene
+from . import assets, connection, notices, results, scene
+from .jobs import find_job, job_items
 
 ACTIVE_INTERVAL = 0.05  # seconds between ticks while jobs run
 IDLE_INTERVAL = 1.0
 SNAPSHOTS_KEY = "psd3d_snapshots"  # on an image: texture snapshots written into it
 
 
-def job_items():
-    """(scene, job item) for every job of every scene in the open file."""
-    for sc in bpy.data.scenes:
-        for item in sc.psd3d.jobs:
-            yield sc, item
+def ensure_timer() -> None:
+    """Start the pump's timer (a submit, a file load, registering the add-on); once."""
+    if not bpy.app.timers.is_registered(tick):
+        bpy.app.timers.register(tick, first_interval=0.05, persistent=True)
 
 
-def find_job(job: str):
-    for sc, item in job_items():
-        if item.job_id == job:
-            return sc, item
-    return None, None
+def stop_timer() -> None:
+    if bpy.app.timers.is_registered(tick):
+        bpy.app.timers.unregister(tick)
 
 
 def tick() -> float:
@@ -63,7 +61,7 @@ def pump(budget: float = 0.0) -> float:
     for job in [job for job, followed in sess.jobs.items() if followed.finished]:
         sess.unfollow(job)
     if changed or connection.link.since != link_since:
-        redraw()
+        notices.redraw()
     return ACTIVE_INTERVAL if open_jobs or sess.busy else IDLE_INTERVAL
 
 
@@ -121,16 +119,6 @@ def ensure_object(sc: bpy.types.Scene, item) -> bpy.types.Object:
         collection = assets.batch_collection(sc, item.batch) if item.batch else sc.collection
         obj = scene.new_job_object(item.job_id, assets.object_name(item), assets.placement(sc, item), collection)
     return obj
-
-
-def redraw() -> None:
-    wm = bpy.context.window_manager
-    if wm is None:
-        return
-    for window in wm.windows:
-        for area in window.screen.areas:
-            if area.type in ("VIEW_3D", "STATUSBAR", "IMAGE_EDITOR", "PREFERENCES"):
-                area.tag_redraw()
 
 
 def running_summary() -> tuple[str, float] | None:

@@ -10,7 +10,8 @@ import bpy
 import bpy.utils.previews
 
 from ..core import library
-from . import assets, connection
+from . import assets, connection, notices
+from .jobs import find_job
 
 FETCH_TIMEOUT = 120.0  # a result carries the GLB (a few MB) and the PNGs
 PICTURES = ("preview.png", "reward_curve.png")
@@ -32,18 +33,13 @@ def job_folder(item) -> Path:
 def fetch(job: str) -> None:
     """Ask for the job's files; ``arrived`` writes them in a later poll."""
     def failed(exc: Exception) -> None:
-        print(f"psd3d: could not fetch the results of {job[:8]}: {exc}")
-        from .operators import report_later
-
-        report_later(f"psd3d: results of {job[:8]} not fetched ({exc}); press Fetch Results")
+        notices.post(f"results of {job[:8]} not fetched ({exc}); press Fetch Results")
 
     connection.session().request("result", {"job": job}, on_reply=lambda msg: arrived(job, msg.arrays),
                                  on_error=failed, timeout=FETCH_TIMEOUT)
 
 
 def arrived(job: str, files: dict) -> None:
-    from .pump import find_job, redraw
-
     _, item = find_job(job)
     if item is None:  # removed from the list meanwhile
         return
@@ -54,7 +50,7 @@ def arrived(job: str, files: dict) -> None:
     item.results_dir = str(folder)
     if item.batch and assets.PREVIEW_FILE in files:
         assets.preview_arrived(job, files[assets.PREVIEW_FILE].tobytes())
-    redraw()
+    notices.redraw()
 
 
 def preview(item, name: str):
