@@ -198,6 +198,10 @@ def test_explicit_nvdiffrast_that_cannot_run_names_the_rasterizer_field(broken_n
         RasterContext("cpu", Backend.NVDIFFRAST)
     assert err.value.field == "rasterizer" and "CUDA" in err.value.message
     assert RasterContext("cuda", Backend.TORCH).backend is Backend.TORCH
+    assert RasterContext("cpu", "torch").backend is Backend.TORCH  # the value, as a spec or the CLI holds it
+    with pytest.raises(InvalidInputError) as err:
+        RasterContext("cpu", "opengl")
+    assert err.value.field == "rasterizer" and "nvdiffrast" in err.value.message
 
 
 # ---------------------------------------------------------------------------------------------

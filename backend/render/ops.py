@@ -21,7 +21,7 @@ from enum import Enum
 
 import torch
 
-from protocol.errors import InvalidInputError
+from protocol.errors import InvalidInputError, require_choice
 from backend.render import antialias as torch_antialias
 from backend.render import torch_raster
 
@@ -65,35 +65,36 @@ def _nvdiffrast_context(device: torch.device):
 
 
 class RasterContext:
-    """Which backend renders, on which device.
+    """Which backend renders, on which device. ``backend`` is a :class:`Backend` or its value.
 
     ``backend=None`` picks nvdiffrast on CUDA when it imports and its context builds, else
     torch; when nvdiffrast is installed but fails to build, the fallback is announced by one
     warning per process. An explicit ``Backend.NVDIFFRAST`` that cannot run raises
     :class:`RasterizerUnavailableError` (field ``rasterizer``)."""
 
-    def __init__(self, device: torch.device | str = "cpu", backend: Backend | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", backend: Backend | str | None = None) -> None:
         global _fallback_warned
         self.device = torch.device(device)
         self._dr = self._glctx = None
+        if backend is not None and not isinstance(backend, Backend):
+            require_choice(backend, [b.value for b in Backend], "rasterizer")
+            backend = Backend(backend)
         if backend is None:
             backend = Backend.TORCH
             if self.device.type == "cuda":
                 try:
                     self._dr, self._glctx = _nvdiffrast_context(self.device)
                     backend = Backend.NVDIFFRAST
-                except RasterizerUnavailableError as err:
+                except RasterizerUnavailableError:
                     if not nvdiffrast_available():
                         log.info("nvdiffrast is not installed; rendering with the torch rasterizer")
                     elif not _fallback_warned:
                         _fallback_warned = True
-                        warnings.warn(f"{err.message.removeprefix('rasterizer: ')}: falling back to the pure-PyTorch "
-                                      "rasterizer for this process (same semantics; choose it with --rasterizer torch "
-                                      "to silence this)", RuntimeWarning, stacklevel=2)
+                        warnings.warn(f"nvdiffrast cannot run here ({_nvdiffrast_failure}); rendering with the "
+                                      "pure-PyTorch rasterizer for this process instead (same semantics; "
+                                      "--rasterizer torch chooses it and silences this)", RuntimeWarning, stacklevel=2)
         elif backend is Backend.NVDIFFRAST:
             self._dr, self._glctx = _nvdiffrast_context(self.device)
-        elif backend is not Backend.TORCH:
-            raise InvalidInputError(f"rasterizer: expected a Backend, got {backend!r}", field="rasterizer")
         self.backend = backend
 
 
