@@ -7,7 +7,7 @@ Columns: the torch backend on the CPU with antialias (``torch_cpu``) and without
 nvdiffrast, timed in interleaved rounds (one call of each per round, so drift in clocks or
 load hits both alike), and their ratio. Each cell is the median over the rounds, in ms.
 The last line is the summary that issues quote:
-``torch_cpu_50k_256=<ms>`` and, with a GPU, ``torch_vs_nvdiffrast=<torch_cuda / nvdiffrast at 50k, 512^2>``.
+``torch_cpu_50k_256=<ms>ms`` and, with a GPU, ``torch_vs_nvdiffrast=<torch_cuda / nvdiffrast at 50k, 512^2>x``.
 
     .venv/bin/python scripts/bench/render.py [--rounds 7] [--faces 50000] [--res 256]
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -90,8 +91,9 @@ def main() -> None:
     if "nvdiffrast" in contexts:
         columns.append("ratio")
     device_name = torch.cuda.get_device_name() if cuda else "no GPU"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {device_name}; "
-          "rasterize + interpolate + antialias + backward, median ms per view")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads (load average {load:.1f}: CPU timings "
+          f"need an idle machine), {device_name}; rasterize + interpolate + antialias + backward, median ms per view")
     print(f"{'faces':>8} {'res':>5} " + " ".join(f"{c:>11}" for c in columns))
     results = {}
     for faces in args.faces:
@@ -111,9 +113,9 @@ def main() -> None:
             print(f"{faces:>8} {res:>5} " + " ".join(f"{row[c]:>11.2f}" for c in columns), flush=True)
     summary = []
     if (50_000, 256) in results:
-        summary.append(f"torch_cpu_50k_256={results[(50_000, 256)]['torch_cpu']:.0f}")
+        summary.append(f"torch_cpu_50k_256={results[(50_000, 256)]['torch_cpu']:.0f}ms")
     if (50_000, 512) in results and "ratio" in results[(50_000, 512)]:
-        summary.append(f"torch_vs_nvdiffrast={results[(50_000, 512)]['ratio']:.2f}")
+        summary.append(f"torch_vs_nvdiffrast={results[(50_000, 512)]['ratio']:.2f}x")
     print(" ".join(summary) if summary else "no 50k-face row measured")
 
 
