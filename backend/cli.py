@@ -91,9 +91,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _spec_fields(args: argparse.Namespace) -> dict:
-    """The flags as spec fields. For a server, ``--negative-embedding`` names a finished job (its id)."""
-    keys = ("prompt", "method", "reward", "preset", "steps", "seed", "negative_prompt", "negative_embedding",
-            "guidance_scale", "reward_scale", "interval", "max_t", "rasterizer")
+    """The flags as spec fields (the pipeline's spec dataclass names them; its mesh travels as arrays).
+    For a server, ``--negative-embedding`` names a finished job (its id)."""
+    from protocol.messages import UPLOADED_MESH_FIELD, spec_field_names
+
+    keys = [k for k in spec_field_names(args.pipeline) if k != UPLOADED_MESH_FIELD.get(args.pipeline)]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

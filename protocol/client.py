@@ -1,6 +1,11 @@
 """The client the CLI and the Blender add-on use (DEALER; no torch).
 
 Request-reply with a timeout; events that arrive while waiting for a reply are buffered.
+A request is sent only on a connection that is up (``ZMQ_IMMEDIATE``), and a request that
+times out is dropped with its socket (``LINGER`` 0), so nothing a caller was told failed is
+delivered later to a server that comes up afterwards. A submit carries a client-made ``key``:
+a submit that timed out after it reached a busy server may still be accepted, and sending it
+again with the same key answers which jobs it made (the server creates them once).
 ``watch`` follows one job: it delivers each exactly-once event once and in order (dropping
 duplicates by sequence number) and, after a silence longer than ``heartbeat`` or a gap in
 the sequence, reconnects with back-off and resubscribes from the last sequence it saw
@@ -12,13 +17,15 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+import uuid
 from typing import Iterator
 
 import zmq
 import zmq.auth
 
 from protocol.errors import Psd3dError
-from protocol.messages import EXACTLY_ONCE, message_to_event
+from protocol.cursor import EventCursor, Verdict
+from protocol.messages import message_to_event
 from protocol.wire import MAX_MESSAGE_BYTES, Message, decode, encode
 
 
@@ -31,14 +38,27 @@ class ServerError(Psd3dError):
 
 
 class ConnectionLost(Psd3dError):
+    """No reply in time. ``sent`` is False when the request never left this client (no connection);
+    ``key`` is a submit's idempotency key (resend the submit with it to learn whether it was accepted)."""
+
     code = "connection_lost"
+
+    def __init__(self, message: str, *, sent: bool = True, key: str | None = None) -> None:
+        super().__init__(message)
+        self.sent, self.key = sent, key
+
+
+def new_submit_key() -> str:
+    """A fresh idempotency key for a submit (the server creates a key's jobs once)."""
+    return uuid.uuid4().hex
 
 
 def dealer_socket(ctx: zmq.Context, address: str, curve: tuple[str, str] | None) -> zmq.Socket:
     """A connected DEALER with our limits, ZMTP heartbeats and, when ``curve`` names
     (this client's ``.key_secret``, the server's public ``.key``), CURVE encryption."""
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.LINGER, 0)  # closing drops what was not sent
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: nothing waits for a later server
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # ZMTP pings: a dead server is noticed by libzmq too
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
@@ -82,13 +102,25 @@ class Client:
                 arrays: dict | None = None) -> Message:
         """Send one request and return its "ok" reply; raise ServerError on an error reply."""
         rid = str(next(self._ids))
-        self.socket.send_multipart(encode(Message(kind, rid, body or {}, arrays or {})), copy=False)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        key = (body or {}).get("key") if kind == "submit" else None
+        frames = encode(Message(kind, rid, body or {}, arrays or {}))
+        try:  # only on a live connection, so an unsent request cannot go out later
+            if not self.socket.poll(int(wait * 1000), zmq.POLLOUT):
+                raise zmq.Again()
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._connect()
+            raise ConnectionLost(f"{kind} not sent: no connection to {self.address} within {wait:g} s",
+                                 sent=False, key=key) from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(int(left * 1000)):
                 self._connect()  # Lazy Pirate: a fresh socket, the old reply (if any) is abandoned
-                raise ConnectionLost(f"no reply to {kind} from {self.address} within {timeout or self.timeout:.0f} s")
+                raise ConnectionLost(f"no reply to {kind} from {self.address} within {wait:g} s"
+                                     + (f"; it may still be accepted: resend it with key {key!r} to find out" if key else ""),
+                                     key=key)
             msg = decode(self.socket.recv_multipart(copy=False))
             if msg.type == "event":
                 self._events.append(msg)
@@ -100,11 +132,14 @@ class Client:
     def hello(self) -> dict:
         return self.request("hello").body
 
-    def submit(self, pipeline: str, spec: dict, prompts: list[str] | None = None, mesh: dict | None = None) -> list[str]:
+    def submit(self, pipeline: str, spec: dict, prompts: list[str] | None = None, mesh: dict | None = None,
+               key: str | None = None) -> list[str]:
         """Queue a job (or a batch, one job per prompt). ``mesh``: arrays of a mesh to upload —
         positions (V,3) float32, faces (F,3) int32, optional uvs (F,3,2) float32 and texture
-        (H,W,4) uint8 — for refine (the mesh to texture) or generate (the block-out)."""
-        body = {"pipeline": pipeline, "spec": spec}
+        (H,W,4) uint8 — for refine (the mesh to texture) or generate (the block-out). ``key``: the
+        idempotency key (a fresh one when None; pass a timed-out submit's ``ConnectionLost.key`` to
+        learn its jobs without making new ones)."""
+        body = {"pipeline": pipeline, "spec": spec, "key": key or new_submit_key()}
         if prompts is not None:
             body["prompts"] = prompts
         return self.request("submit", body, arrays=mesh, timeout=max(self.timeout, 60) if mesh else None).body["jobs"]
@@ -127,8 +162,8 @@ class Client:
               texture_encoding: str = "auto") -> Iterator:
         """Yield (seq, event) for one job until it is done or failed. Snapshots may skip.
         ``texture_encoding``: "raw", "png" (smaller, for slow links) or "auto" (PNG above 256 KiB)."""
-        last = after
-        sub = lambda: {"job": job, "after": last, "texture_encoding": texture_encoding}  # noqa: E731
+        cursor = EventCursor(last=after)
+        sub = lambda: {"job": job, "after": cursor.last, "texture_encoding": texture_encoding}  # noqa: E731
         self.request("subscribe", sub())
         quiet_since, failures = time.monotonic(), 0
         while True:
@@ -150,19 +185,13 @@ class Client:
             job_id, seq, event = message_to_event(msg)
             if job_id != job:
                 continue
-            kind = msg.body["kind"]
-            if kind in EXACTLY_ONCE:
-                if seq <= last:
-                    continue  # a duplicate from a replay
-                if seq > last + 1:  # a gap: something was dropped; ask for the rest
-                    self.request("subscribe", sub())
-                    continue
-                last = seq
+            verdict = cursor.accept(msg.body["kind"], seq)
+            if verdict is Verdict.GAP:  # something was dropped: ask for the rest
+                self.request("subscribe", sub())
+            elif verdict in (Verdict.DELIVER, Verdict.SNAPSHOT):
                 yield seq, event
-                if kind in ("done", "failed"):
+                if cursor.finished:
                     return
-            else:
-                yield seq, event
 
     def _next_event(self, timeout: float):
         if self._events:

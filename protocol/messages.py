@@ -4,6 +4,12 @@ Requests (client -> server): hello, submit, cancel, finish, status, list, subscr
 Every request gets exactly one reply: type "ok" (body = the answer) or "error" (body =
 {code, field, message}). Events (server -> client) have type "event" and body
 {job, seq, kind, ...}; snapshot arrays travel as raw frames.
+
+The error contract (docs/protocol.md, "Errors"): ``bad_message`` only when the frames break the
+wire format (``protocol.wire.decode``); inside a body, a name that is not one of the offered
+choices is ``unknown_name`` and every other bad field (missing, unknown, wrong type, out of
+range) is ``invalid_input``. ``field`` is the path inside the body (``spec.steps``,
+``prompts[2]``, ``job``), or, for an uploaded array, ``arrays[i]`` (its index in the header's list).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import Psd3dError
+from protocol import specs, wire
+from protocol.errors import InvalidInputError, Psd3dError, UnknownNameError
 from protocol.png import decode_png, encode_png
 from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
 from protocol.specs import GenerateSpec, Image2dSpec, RefineSpec
@@ -21,7 +28,6 @@ from protocol.wire import Message, ProtocolError
 
 REQUESTS = ("hello", "submit", "cancel", "finish", "status", "list", "subscribe", "result", "ping")
 SPECS = {"image2d": Image2dSpec, "generate": GenerateSpec, "refine": RefineSpec}
-EXACTLY_ONCE = ("progress", "done", "failed")  # delivered once, in order; snapshots coalesce
 
 
 def ok(request: Message, body: dict | None = None, arrays: dict | None = None) -> Message:
@@ -32,23 +38,71 @@ def error(request_id: str, exc: Psd3dError) -> Message:
     return Message("error", request_id, exc.to_dict())
 
 
+UPLOADED_MESH_FIELD = {"refine": "mesh", "generate": "init_mesh"}  # the spec field a submit's mesh arrays fill
+
+
+def spec_field_names(pipeline: str) -> tuple[str, ...]:
+    """The fields of a pipeline's spec, read from its dataclass (the one place they are written)."""
+    return tuple(f.name for f in dataclasses.fields(SPECS[pipeline]))
+
+
 def spec_from_body(pipeline: Any, fields: Any):
-    """A pipeline spec from a submit body; unknown pipelines and fields are named errors."""
-    if pipeline not in SPECS:
-        raise ProtocolError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    """A pipeline spec from a submit body; an unknown pipeline and a missing or unknown field are
+    named errors (``pipeline``, ``spec.NAME``). Its values are checked by :func:`validate_spec`."""
+    if not isinstance(pipeline, str) or pipeline not in SPECS:
+        raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
     if not isinstance(fields, dict):
-        raise ProtocolError("spec: must be a map of the pipeline's fields", field="spec")
+        raise InvalidInputError("spec: must be a map of the pipeline's fields", field="spec")
     cls = SPECS[pipeline]
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = set(spec_field_names(pipeline))
     for key in fields:
         if key not in known:
-            raise ProtocolError(f"spec.{key}: not a field of {pipeline} (fields: {', '.join(sorted(known))})", field=f"spec.{key}")
+            raise InvalidInputError(f"spec.{key}: not a field of {pipeline} (fields: {', '.join(sorted(known))})",
+                                    field=f"spec.{key}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for name in required:
         if name not in fields:
-            raise ProtocolError(f"spec.{name}: required for {pipeline}", field=f"spec.{name}")
+            raise InvalidInputError(f"spec.{name}: required for {pipeline}", field=f"spec.{name}")
     return cls(**fields)
+
+
+def in_body(exc: Psd3dError, field: str) -> Psd3dError:
+    """``exc`` renamed to the path of its field inside a request body (a spec's ``steps`` is
+    ``spec.steps``; a batch's third prompt is ``prompts[2]``), its message too."""
+    if exc.field is not None and exc.field != field:
+        if exc.message.startswith(f"{exc.field}:"):
+            exc.message = f"{field}:{exc.message[len(exc.field) + 1:]}"
+            exc.args = (exc.message,)
+        exc.field = field
+    return exc
+
+
+def spec_path(name: str, prompt_index: int | None = None) -> str:
+    """Where a spec field lives in a submit body: ``spec.NAME``; a batch's prompt is ``prompts[i]``."""
+    if prompt_index is not None and (name == "prompt" or name.startswith("prompt.")):
+        return f"prompts[{prompt_index}]"
+    return f"spec.{name}"
+
+
+def validate_spec(spec, presets: tuple[str, ...], prompt_index: int | None = None) -> None:
+    """``spec.validate`` with its errors named by their path in the submit body."""
+    try:
+        spec.validate(presets)
+    except Psd3dError as exc:
+        raise in_body(exc, spec_path(exc.field, prompt_index) if exc.field else "spec") from None
+
+
+def limits() -> dict:
+    """Every limit a client may meet, read from the constants that enforce them (``hello`` sends it)."""
+    return {
+        "header_bytes": wire.MAX_HEADER_BYTES, "frame_bytes": wire.MAX_FRAME_BYTES, "message_bytes": wire.MAX_MESSAGE_BYTES,
+        "arrays": wire.MAX_ARRAYS, "array_elements": wire.MAX_ARRAY_ELEMENTS, "array_dims": wire.MAX_NDIM,
+        "id_chars": wire.MAX_ID_CHARS, "prompt_chars": specs.MAX_PROMPT_CHARS, "steps": specs.MAX_STEPS,
+        "seed": specs.MAX_SEED, "batch_prompts": specs.MAX_BATCH, "cameras": specs.MAX_CAMERAS,
+        "max_t": [specs.MIN_T, specs.MAX_T], "vertices": MAX_VERTICES, "faces": MAX_FACES,
+        "texture_side": MAX_TEXTURE_SIDE,
+    }
 
 
 def event_to_message(job_id: str, seq: int, event) -> Message:
@@ -81,10 +135,14 @@ MESH_ARRAYS = ("positions", "faces", "uvs", "texture")
 
 def check_mesh_arrays(arrays: dict) -> None:
     """An uploaded mesh (submit arrays): positions (V,3) float32, faces (F,3) int32 in [0, V),
-    optional per-corner uvs (F,3,2) float32 and texture (H,W,4) uint8 — checked against the limits."""
+    optional per-corner uvs (F,3,2) float32 and texture (H,W,4) uint8 — checked against the limits.
+    Errors name the array as ``arrays[i]``, its index in the message's header."""
+    index = {name: i for i, name in enumerate(arrays)}
+
     def need(cond: bool, name: str, reason: str) -> None:
         if not cond:
-            raise ProtocolError(f"arrays.{name}: {reason}", field=f"arrays.{name}")
+            where = f"arrays[{index[name]}]" if name in index else "arrays"
+            raise InvalidInputError(f"{where}: {name}: {reason}", field=where)
 
     for name in arrays:
         need(name in MESH_ARRAYS, name, f"not a mesh array ({', '.join(MESH_ARRAYS)})")
@@ -109,6 +167,7 @@ def check_mesh_arrays(arrays: dict) -> None:
 
 
 PNG_AUTO_BYTES = 256 << 10  # "auto": images larger than this travel as PNG
+TEXTURE_ENCODINGS = ("raw", "png", "auto")  # a subscribe's choice, kept per connection
 
 
 def png_variant(msg: Message) -> Message:

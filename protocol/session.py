@@ -10,8 +10,12 @@ waits longer than it is told. What it guarantees, as ``Client.watch`` does for o
 - liveness: a ``ping`` every ``heartbeat`` seconds; its reply lists the jobs the server has this
   peer subscribed to, so a server restart or a dropped connection (the server forgets a peer it
   cannot reach) is repaired by resubscribing the missing ones. A request without a reply in its
-  time fails alone: the socket stays, ZeroMQ reconnects it and sends what was queued (a busy
-  server, e.g. one loading a tokenizer, answers late but answers).
+  time fails alone: the socket stays and ZeroMQ reconnects it;
+- nothing is delivered after its caller was told it failed: requests go out only on a live
+  connection (``ZMQ_IMMEDIATE``); until one is up they wait in the session's own outbox, and a
+  request whose time is up leaves it unsent. A submit carries a ``key`` (made here when the body
+  has none): one that reached a busy server and timed out may still be accepted, and resending
+  it with the same key (``ConnectionLost.key``) answers with its jobs instead of making new ones.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any, Callable
 
 import zmq
 
-from protocol.client import ConnectionLost, ServerError, dealer_socket
-from protocol.events import Done, Failed, MeshSnapshot
-from protocol.messages import EXACTLY_ONCE, message_to_event
+from protocol.client import ConnectionLost, ServerError, dealer_socket, new_submit_key
+from protocol.cursor import EventCursor, Verdict
+from protocol.events import Failed, MeshSnapshot
+from protocol.messages import message_to_event
 from protocol.wire import Message, ProtocolError, decode, encode
 
 OnReply = Callable[[Message], None]
@@ -39,16 +44,17 @@ class _Pending:
     timeout: float
     on_reply: OnReply | None
     on_error: OnError | None
+    key: str | None = None  # a submit's idempotency key
+    frames: list | None = None  # not sent yet (no live connection): dropped when its time is up
 
 
 @dataclass
-class Followed:
-    """What the session knows of one followed job."""
+class Followed(EventCursor):
+    """What the session knows of one followed job: its place in the event stream (``last``,
+    ``finished``: see :class:`protocol.cursor.EventCursor`) and whether the server holds its subscription."""
 
-    job: str
-    last: int = 0  # the last exactly-once seq delivered
+    job: str = ""
     subscribed: bool = False  # a subscribe reply arrived (cleared when the server turns out to have lost it)
-    finished: bool = False
 
 
 @dataclass
@@ -104,14 +110,30 @@ class Session:
                 timeout: float | None = None) -> str:
         """Send a request now; ``on_reply(message)`` or ``on_error(exception)`` runs inside a later ``poll``."""
         rid = f"s{next(self._ids)}"
-        self.socket.send_multipart(encode(Message(kind, rid, body or {}, arrays or {})), copy=False)
-        self._pending[rid] = _Pending(kind, time.monotonic(), self.timeout if timeout is None else timeout, on_reply, on_error)
+        body = dict(body or {})
+        if kind == "submit":
+            body.setdefault("key", new_submit_key())
+        self._pending[rid] = _Pending(kind, time.monotonic(), self.timeout if timeout is None else timeout, on_reply,
+                                      on_error, body.get("key") if kind == "submit" else None,
+                                      encode(Message(kind, rid, body, arrays or {})))
+        self._flush()
         return rid
+
+    def _flush(self) -> None:
+        """Send what waits in the outbox, oldest first, while the connection takes it."""
+        for pending in self._pending.values():
+            if pending.frames is None:
+                continue
+            try:
+                self.socket.send_multipart(pending.frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:  # no live connection: it waits here, not in ZeroMQ's queue
+                return
+            pending.frames = None
 
     def follow(self, job: str, after: int = 0) -> None:
         """Follow a job's events from after ``after`` (the last seq this client already applied)."""
         if job not in self.jobs:
-            self.jobs[job] = Followed(job, last=after)
+            self.jobs[job] = Followed(job=job, last=after)
         self._subscribe(self.jobs[job])
 
     def unfollow(self, job: str) -> None:
@@ -141,6 +163,8 @@ class Session:
         now = time.monotonic()
         self._check_timeouts(now)
         self._heartbeat(now)
+        if self.socket is not None:
+            self._flush()
         while self.socket is not None and self.socket.poll(wait_ms):
             wait_ms = 0
             try:
@@ -171,18 +195,15 @@ class Session:
         except (ProtocolError, KeyError, TypeError):
             return
         followed = self.jobs.get(job)
-        if followed is None or followed.finished:
+        if followed is None:
             return
         kind = msg.body["kind"]
-        if kind in EXACTLY_ONCE:
-            if seq <= followed.last:
-                return  # a duplicate from a replay
-            if seq > followed.last + 1:  # a gap: ask for the rest
-                self._subscribe(followed)
-                return
-            followed.last = seq
-            followed.finished = isinstance(event, (Done, Failed))
+        verdict = followed.accept(kind, seq)
+        if verdict is Verdict.GAP:  # ask for the rest
+            self._subscribe(followed)
+        if verdict is Verdict.DELIVER:
             out.append(JobEvent(job, seq, event))
+        if verdict is not Verdict.SNAPSHOT:
             return
         key = (job, kind)
         if key in latest:  # coalesce: keep only the newest snapshot of this kind, at its newest place
@@ -193,15 +214,23 @@ class Session:
         out.append(JobEvent(job, seq, event))
 
     def _check_timeouts(self, now: float) -> None:
-        """Fail the requests whose time is up. The socket stays: ZeroMQ reconnects by itself and sends
-        what is queued, and the next ping reply says which subscriptions the server lost."""
+        """Fail the requests whose time is up; one still in the outbox is dropped unsent. The socket
+        stays: ZeroMQ reconnects by itself, and the next ping reply says which subscriptions the server lost."""
         expired = [rid for rid, p in self._pending.items() if now - p.sent > p.timeout]
         for rid in expired:
             pending = self._pending.pop(rid)
             if pending.kind == "ping":
                 self.state.connected = False
-            if pending.on_error is not None:
-                pending.on_error(ConnectionLost(f"no reply to {pending.kind} from {self.address} within {pending.timeout:.0f} s"))
+            if pending.on_error is None:
+                continue
+            if pending.frames is not None:
+                exc = ConnectionLost(f"{pending.kind} not sent: no connection to {self.address} within {pending.timeout:g} s",
+                                     sent=False, key=pending.key)
+            else:
+                exc = ConnectionLost(f"no reply to {pending.kind} from {self.address} within {pending.timeout:g} s"
+                                     + (f"; it may still be accepted: resend it with key {pending.key!r} to find out"
+                                        if pending.key else ""), key=pending.key)
+            pending.on_error(exc)
 
     def _heartbeat(self, now: float) -> None:
         if now - self._last_ping < self.heartbeat or any(p.kind == "ping" for p in self._pending.values()):

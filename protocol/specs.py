@@ -15,6 +15,7 @@ METHODS = ("psd", "sds", "dreamdpo")
 REWARDS = ("hpsv2.1", "pickscore")  # the target reward; the others are reported as unseen
 MAX_PROMPT_CHARS = 1000  # a cheap bound before tokenising; the tokenizer's 77-token limit is checked too
 MAX_STEPS = 100_000
+MAX_SEED = 2**63 - 1  # seeds are integers in 0..MAX_SEED
 MIN_T, MAX_T = 0.02, 0.98  # the timestep range score distillation draws from, as fractions of T
 
 
@@ -44,7 +45,8 @@ class JobSpec:
         if self.steps is not None:
             require(isinstance(self.steps, int) and 1 <= self.steps <= MAX_STEPS, "steps",
                     f"must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
-        require(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", f"must be a non-negative integer, got {self.seed!r}")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED, "seed",
+                f"must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         for name in ("guidance_scale", "reward_scale"):
             value = getattr(self, name)
             if value is not None:

@@ -33,9 +33,12 @@ DTYPES = ("uint8", "int32", "uint32", "int64", "float16", "float32", "float64")
 
 
 class ProtocolError(Psd3dError):
-    """A message that does not follow the wire format (bad msgpack, wrong types, bad claims)."""
+    """A message that does not follow the wire format (bad msgpack, wrong types, bad claims).
+    ``request_id``: the message's ``id`` when the header could be read that far, else ""; the
+    error reply carries it, so a client matching replies by id gets this one."""
 
     code = "bad_message"
+    request_id = ""
 
 
 @dataclass
@@ -97,6 +100,15 @@ def decode(frames: Sequence[Any]) -> Message:
         trailing = True
     _require(not trailing, "header", "extra bytes after the msgpack map")
     _require(isinstance(header, dict), "header", f"must be a map, got {type(header).__name__}")
+    mid = header.get("id", "")
+    try:
+        return _decode_header(header, buffers)
+    except ProtocolError as exc:  # the header parsed: name the request in the error if its id is readable
+        exc.request_id = mid if isinstance(mid, str) and len(mid) <= MAX_ID_CHARS else ""
+        raise
+
+
+def _decode_header(header: dict, buffers: list[memoryview]) -> Message:
     version = header.get("v")
     _require(isinstance(version, int) and not isinstance(version, bool), "v", "missing or not an integer")
     _require(version == PROTOCOL_VERSION, "v", f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")

@@ -81,7 +81,7 @@ def test_errors_and_timeouts_reach_only_their_own_request(tmp_path, psd3d_home):
         sess.request("hello", on_reply=replies.append)
         _poll_until(sess, lambda: len(errors) == 2 and replies)
         assert all(isinstance(e, ServerError) for e in errors)
-        assert {e.code for e in errors} == {"unknown_job", "invalid_input"} and errors[1].field == "prompt"
+        assert {e.code for e in errors} == {"unknown_job", "invalid_input"} and errors[1].field == "spec.prompt"
         assert "tiny" in replies[0].body["presets"]
         sess.follow("1" * 32)  # a job the server does not know ends as failed, not as silence
         lost: list = []

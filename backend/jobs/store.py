@@ -62,6 +62,8 @@ class JobStore:
                 batch TEXT, final TEXT, error TEXT, resume INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS events (
                 job TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (job, seq));
+            CREATE TABLE IF NOT EXISTS submits (
+                key TEXT PRIMARY KEY, jobs TEXT NOT NULL, batch TEXT, created REAL NOT NULL);
         """)
 
     # -- paths ---------------------------------------------------------------------------
@@ -85,12 +87,54 @@ class JobStore:
                              (job_id, pipeline, json.dumps(spec), time.time(), batch))
         return job_id
 
+    def create_jobs(self, pipeline: str, specs: list[dict], batch: str | None, key: str | None) -> list[str]:
+        """Create one job per spec, all or none, remembering the submit's idempotency ``key`` in the same
+        transaction (so a resent submit finds exactly the jobs it made, even across a crash)."""
+        ids = [uuid.uuid4().hex for _ in specs]
+        for job_id, spec in zip(ids, specs):
+            folder = self.folder(job_id)
+            folder.mkdir(parents=True)
+            atomic_write_json(folder / "job.json", {"id": job_id, "pipeline": pipeline, "spec": spec, "batch": batch})
+        now = time.time()
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO jobs (id, pipeline, spec, state, created, batch) VALUES (?, ?, ?, 'queued', ?, ?)",
+                                     [(job_id, pipeline, json.dumps(spec), now, batch) for job_id, spec in zip(ids, specs)])
+                if key is not None:
+                    self._db.execute("INSERT INTO submits (key, jobs, batch, created) VALUES (?, ?, ?, ?)",
+                                     (key, json.dumps(ids), batch, now))
+        return ids
+
+    def submitted(self, key: str) -> tuple[list[str], str | None] | None:
+        """The jobs and batch a submit with this idempotency key made, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT jobs, batch FROM submits WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (json.loads(row[0]), row[1])
+
     def set_state(self, job_id: str, state: str, **fields) -> None:
         if state not in STATES:
             raise ValueError(f"state {state!r} is not one of {STATES}")
         cols = {"state": state, **{k: json.dumps(v) if k in ("final", "error") else v for k, v in fields.items()}}
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ?", (*cols.values(), job_id))
+
+    def transition(self, job_id: str, before: tuple[str, ...], state: str, **fields) -> bool:
+        """Move a job to ``state`` only if it is in one of the ``before`` states, atomically (the server
+        and the executor race for a queued job); returns whether it moved."""
+        if state not in STATES:
+            raise ValueError(f"state {state!r} is not one of {STATES}")
+        cols = {"state": state, **{k: json.dumps(v) if k in ("final", "error") else v for k, v in fields.items()}}
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in cols)} WHERE id = ? AND state IN "
+                                   f"({', '.join('?' for _ in before)})", (*cols.values(), job_id, *before))
+        return cur.rowcount == 1
+
+    def last_event(self, job_id: str) -> dict | None:
+        """The job's newest stored event (a ``done`` or ``failed`` one once it has ended)."""
+        with self._lock:
+            row = self._db.execute("SELECT body FROM events WHERE job = ? ORDER BY seq DESC LIMIT 1", (job_id,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def set_progress(self, job_id: str, step: int, total: int) -> None:
         with self._lock:
@@ -125,6 +169,7 @@ class JobStore:
             rows = self._db.execute("SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND created < ?",
                                     (cutoff,)).fetchall()
             ids = [r[0] for r in rows]
+            self._db.execute("DELETE FROM submits WHERE created < ?", (cutoff,))
             for job_id in ids:
                 self._db.execute("DELETE FROM events WHERE job = ?", (job_id,))
                 self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

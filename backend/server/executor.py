@@ -1,5 +1,10 @@
 """LocalExecutor: one worker thread that runs queued jobs one at a time (FIFO), models kept
-loaded between jobs, cancel and finish checked once per optimisation step."""
+loaded between jobs, cancel and finish checked once per optimisation step.
+
+Every job ends with exactly one terminal event (``done`` or ``failed``), stored with the state
+it ends in: the worker claims a queued job atomically (``queued`` -> ``running``), so a cancel of a
+queued job (made by the server, which emits its ``failed``) and the worker's start never both win.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Callable
 from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
 from protocol.messages import SPECS, event_to_message
 from backend.jobs.store import JobStore
+from backend.server.snapshots import save_latest
 
 
 def run_pipeline(pipeline: str, spec, folder, should_stop: Callable[[], bool], resume: bool):
@@ -24,45 +30,9 @@ def run_pipeline(pipeline: str, spec, folder, should_stop: Callable[[], bool], r
     return run(spec, folder, should_stop=should_stop, resume=resume)
 
 
-def save_latest(folder, event) -> None:
-    """Keep the latest snapshot in the job folder (latest_mesh.npz, latest_texture.png, latest_image.png)."""
-    import io
-
-    import numpy as np
-
-    from backend.files import atomic_write_bytes
-    from protocol.png import encode_png
-
-    if isinstance(event, MeshSnapshot):
-        buf = io.BytesIO()
-        arrays = {"positions": event.positions, "faces": event.faces, "topology_id": np.int64(event.topology_id)}
-        if event.uvs is not None:
-            arrays["uvs"] = event.uvs
-        np.savez(buf, **arrays)
-        atomic_write_bytes(folder / "latest_mesh.npz", buf.getvalue())
-    else:
-        name = "latest_texture.png" if isinstance(event, TextureSnapshot) else "latest_image.png"
-        atomic_write_bytes(folder / name, encode_png(np.ascontiguousarray(event.image)))
-
-
-def load_latest(job_id: str, folder, seq: int, step: int) -> dict:
-    """The snapshots ``save_latest`` kept, as event messages by kind (for a client resubscribing after a
-    server restart). ``seq``: the job's last exactly-once seq, which snapshots carry; ``step``: its last step."""
-    import numpy as np
-
-    from protocol.png import decode_png
-
-    found = {}
-    mesh_file = folder / "latest_mesh.npz"
-    if mesh_file.is_file():
-        with np.load(mesh_file) as z:
-            found["mesh"] = event_to_message(job_id, seq, MeshSnapshot(
-                step, z["positions"], z["faces"], z["uvs"] if "uvs" in z.files else None, int(z["topology_id"])))
-    for kind, cls in (("texture", TextureSnapshot), ("image", ImageSnapshot)):
-        png = folder / f"latest_{kind}.png"
-        if png.is_file():
-            found[kind] = event_to_message(job_id, seq, cls(step, decode_png(png.read_bytes())))
-    return found
+def _error(failed: Failed) -> dict:
+    """A ``failed`` event as the job's ``error`` (what ``status`` shows)."""
+    return {"code": failed.code, "message": failed.message, "field": failed.field}
 
 
 class LocalExecutor:
@@ -94,6 +64,14 @@ class LocalExecutor:
     def finish(self, job_id: str) -> None:
         self._finish.add(job_id)
 
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job that has not started, with its terminal event; False when it is no longer queued."""
+        reason = Failed("cancelled", "cancelled before it started")
+        if not self.store.transition(job_id, ("queued",), "cancelled", error=_error(reason)):
+            return False
+        self._emit_once(job_id, reason)
+        return True
+
     def _publish(self, job_id: str, seq: int, event) -> None:
         self.outbox.put((job_id, event_to_message(job_id, seq, event)))
         self.wake()
@@ -105,11 +83,8 @@ class LocalExecutor:
                 self._new_work.wait(0.5)
                 self._new_work.clear()
                 continue
-            if row.id in self._cancel:
-                self.store.set_state(row.id, "cancelled")
-                self._emit_once(row.id, Failed("cancelled", "cancelled before it started"))
-                continue
-            self._run(row)
+            if self.store.transition(row.id, ("queued",), "running"):  # else cancelled meanwhile
+                self._run(row)
 
     def _emit_once(self, job_id: str, event) -> None:
         body = event_to_message(job_id, 0, event).body
@@ -118,13 +93,15 @@ class LocalExecutor:
 
     def _run(self, row) -> None:
         job_id = self.current = row.id
-        self.store.set_state(job_id, "running")
         spec = SPECS[row.pipeline](**row.spec)
         stop = lambda: job_id in self._cancel or job_id in self._finish or self._stop.is_set()  # noqa: E731
         events = run_pipeline(row.pipeline, spec, self.store.folder(job_id), stop, row.resume)
         snapshot_seq = self.store.last_seq(job_id)
+        ended = False  # the terminal event was emitted: nothing may follow it
         try:
             for event in events:
+                if ended:
+                    continue  # nothing follows a job's terminal event
                 if job_id in self._cancel or (self._stop.is_set() and isinstance(event, Done)):
                     break  # a cancelled or shut-down job's partial result is not its result
                 if isinstance(event, (ImageSnapshot, TextureSnapshot, MeshSnapshot)):
@@ -136,17 +113,24 @@ class LocalExecutor:
                 if isinstance(event, Done):
                     self.store.set_state(job_id, "done", final=event.final)
                 elif isinstance(event, Failed):
-                    self.store.set_state(job_id, "failed", error={"code": event.code, "message": event.message,
-                                                                   "field": event.field})
+                    self.store.set_state(job_id, "failed", error=_error(event))
                 self._emit_once(job_id, event)
                 snapshot_seq = self.store.last_seq(job_id)
+                ended = isinstance(event, (Done, Failed))
         finally:
             events.close()
             self.current = None
-        if self._stop.is_set() and self.store.get(job_id).state == "running":
-            self.store.set_state(job_id, "queued", resume=1)  # shut down mid-job: resume on the next start
+        if ended:
+            pass  # a cancel or finish that came as the job ended changes nothing
         elif job_id in self._cancel:
-            self.store.set_state(job_id, "cancelled")
-            self._emit_once(job_id, Failed("cancelled", "cancelled by the user"))
+            reason = Failed("cancelled", "cancelled by the user")
+            self.store.set_state(job_id, "cancelled", error=_error(reason))
+            self._emit_once(job_id, reason)
+        elif self._stop.is_set():
+            self.store.set_state(job_id, "queued", resume=1)  # shut down mid-job: resume on the next start
+        else:  # a pipeline that stopped without saying how it ended: a bug, but the job still ends once
+            reason = Failed("internal", "the pipeline ended without a result")
+            self.store.set_state(job_id, "failed", error=_error(reason))
+            self._emit_once(job_id, reason)
         self._cancel.discard(job_id)
         self._finish.discard(job_id)

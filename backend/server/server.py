@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,18 @@ from urllib.parse import urlparse
 import numpy as np
 import zmq
 
-from protocol.errors import InvalidInputError, Psd3dError
-from protocol.specs import BatchSpec
-from protocol.messages import REQUESTS, check_mesh_arrays, error, ok, png_variant, spec_from_body, wants_png
-from protocol.wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
+from protocol.cursor import SNAPSHOTS, TERMINAL
+from protocol.errors import InvalidInputError, Psd3dError, UnknownNameError
+from protocol.specs import METHODS, REWARDS, BatchSpec
+from protocol.messages import (REQUESTS, SPECS, TEXTURE_ENCODINGS, UPLOADED_MESH_FIELD, check_mesh_arrays, error,
+                               in_body, limits, ok, png_variant, spec_from_body, spec_path, validate_spec, wants_png)
+from protocol.wire import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
 from backend.jobs.store import JobStore
-from backend.server.executor import LocalExecutor, load_latest
+from backend.server.executor import LocalExecutor
+from backend.server.snapshots import LatestSnapshots
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
 HEARTBEAT_MS = 2000
-MAX_LATEST_SNAPSHOTS = 48  # snapshots kept in memory for resubscribing clients
 SEND_HWM = 1000  # messages queued per peer before sends to it are dropped
 MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
 RESULT_FILES = ("out.glb", "preview.png", "image.png", "metrics.json", "reward_curve.png", "negative_embedding.pt")
@@ -115,9 +116,7 @@ class Server:
         self.outbox: queue.Queue = queue.Queue()
         self.executor = LocalExecutor(self.store, self.outbox)
         self.subscribers: dict[str, set[bytes]] = {}
-        # (job, kind) -> latest snapshot, least recently updated first; bounded so a long batch does not
-        # keep every job's texture in memory (the job folder keeps latest_* files on disk)
-        self.latest: OrderedDict[tuple[str, str], Message] = OrderedDict()
+        self.latest = LatestSnapshots(self.store)
         self.dropped = 0
         # preset -> its tokenizer, loaded on a thread: the loop answers pings and hellos meanwhile
         self._tokenizers: dict[str, Future] = {}
@@ -155,10 +154,14 @@ class Server:
     def handle(self, peer: bytes, frames: list) -> None:
         request_id = ""
         try:
-            msg = decode(frames)
+            try:
+                msg = decode(frames)
+            except ProtocolError as exc:
+                request_id = exc.request_id  # the reply carries the request's id whenever it could be read
+                raise
             request_id = msg.id
             if msg.type not in REQUESTS:
-                raise ProtocolError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
+                raise UnknownNameError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
             reply = getattr(self, f"on_{msg.type}")(peer, msg)
         except Exception as exc:  # every request gets a reply; the loop keeps serving
             reply = error_reply(request_id, exc)
@@ -172,30 +175,41 @@ class Server:
         return ok(msg, {"time": time.time(), "subscribed": held})
 
     def on_hello(self, peer, msg):
-        from protocol.specs import METHODS, REWARDS
-
+        tokens = {preset: loading.result().model_max_length for preset, loading in self._tokenizers.items()
+                  if loading.done() and loading.exception() is None}
         return ok(msg, {"protocol": PROTOCOL_VERSION, "server": "psd3d", "version": backend_version(),
                         "device": self._device_name(), "presets": list(self.presets),
-                        "methods": list(METHODS), "rewards": list(REWARDS), "pipelines": ["image2d", "generate", "refine"]})
+                        "methods": list(METHODS), "rewards": list(REWARDS), "pipelines": list(SPECS),
+                        "limits": {**limits(), "prompt_tokens": tokens}})
 
     def on_submit(self, peer, msg):
         body = msg.body
+        key = body.get("key")
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_ID_CHARS):
+            raise InvalidInputError(f"key: must be a string of 1..{MAX_ID_CHARS} characters, got {key!r}", field="key")
+        if key is not None and (made := self.store.submitted(key)) is not None:
+            return ok(msg, {"jobs": made[0], "batch": made[1]})  # a resent submit: the jobs it made, once
         prompts = body.get("prompts")
         spec_fields = body.get("spec", {})
+        pipeline = body.get("pipeline")
+        if not isinstance(pipeline, str) or pipeline not in SPECS:
+            raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
         if msg.arrays:  # an uploaded mesh: the artist's selection (refine) or block-out (generate)
             spec_fields = self._store_upload(body.get("pipeline"), spec_fields, msg.arrays)
         if prompts is not None:  # batch: one job per prompt, one batch id
             BatchSpec(prompts=prompts, pipeline=body.get("pipeline")).validate()
             if not isinstance(spec_fields, dict):
-                raise ProtocolError("spec: must be a map of the pipeline's fields", field="spec")
+                raise InvalidInputError("spec: must be a map of the pipeline's fields", field="spec")
+            if "prompt" in spec_fields:
+                raise InvalidInputError("spec.prompt: a batch takes its prompts from prompts, not from spec", field="spec.prompt")
             specs = [spec_from_body(body.get("pipeline"), {**spec_fields, "prompt": p}) for p in prompts]
         else:
             specs = [spec_from_body(body.get("pipeline"), spec_fields)]
-        for spec in specs:  # validate everything before acknowledging anything
+        for i, spec in enumerate(specs):  # validate everything before acknowledging anything
             ne = getattr(spec, "negative_embedding", None)
             if ne and self.store.is_job_id(ne):  # a finished job's learned n, by id
                 spec.negative_embedding = str(self.store.folder(ne) / "negative_embedding.pt")
-            spec.validate(self.presets)
+            validate_spec(spec, self.presets, i if prompts is not None else None)
             self._check_files(spec)
         parked = _Parked(peer, msg, specs, prompts is not None, {spec.preset: self.tokenizer(spec.preset) for spec in specs})
         if not parked.ready:
@@ -207,14 +221,20 @@ class Server:
         """Check the prompts' token lengths and create the jobs (all or none)."""
         from backend.psd.prior import check_prompt_tokens
 
-        for spec in parked.specs:
-            tokenizer = parked.tokenizers[spec.preset].result()  # a failed load raises its explanation
-            check_prompt_tokens(tokenizer, spec.prompt, "prompt")
+        for i, spec in enumerate(parked.specs):
+            try:
+                tokenizer = parked.tokenizers[spec.preset].result()  # a failed load raises its explanation
+            except Psd3dError as exc:
+                raise in_body(exc, "spec.preset") from None
+            check_prompt_tokens(tokenizer, spec.prompt, spec_path("prompt", i if parked.batch else None))
             if spec.negative_prompt:
-                check_prompt_tokens(tokenizer, spec.negative_prompt, "negative_prompt")
+                check_prompt_tokens(tokenizer, spec.negative_prompt, "spec.negative_prompt")
+        key = parked.msg.body.get("key")
+        if key is not None and (made := self.store.submitted(key)) is not None:
+            return ok(parked.msg, {"jobs": made[0], "batch": made[1]})  # the same submit, parked twice
         batch = uuid.uuid4().hex if parked.batch else None
         pipeline = parked.msg.body["pipeline"]
-        ids = [self.store.create(pipeline, spec.to_dict(), batch) for spec in parked.specs]
+        ids = self.store.create_jobs(pipeline, [spec.to_dict() for spec in parked.specs], batch, key)
         self.executor.notify()
         return ok(parked.msg, {"jobs": ids, "batch": batch})
 
@@ -267,25 +287,25 @@ class Server:
 
         from backend.geometry.mesh import Mesh, save_glb
 
-        if pipeline not in ("refine", "generate") or not isinstance(spec_fields, dict):
-            raise ProtocolError("arrays: only refine and generate take an uploaded mesh", field="arrays")
+        if pipeline not in UPLOADED_MESH_FIELD or not isinstance(spec_fields, dict):
+            raise InvalidInputError("arrays: only refine and generate take an uploaded mesh", field="arrays")
         check_mesh_arrays(arrays)
         mesh = Mesh(torch.from_numpy(arrays["positions"].copy()), torch.from_numpy(arrays["faces"].astype(np.int64)),
                     torch.from_numpy(arrays["uvs"].copy()) if "uvs" in arrays else None,
                     arrays["texture"].copy() if "texture" in arrays else None)
         path = save_glb(mesh, self.store.root / "uploads" / f"{uuid.uuid4().hex}.glb")
-        return {**spec_fields, ("mesh" if pipeline == "refine" else "init_mesh"): str(path)}
+        return {**spec_fields, UPLOADED_MESH_FIELD[pipeline]: str(path)}
 
     def _check_files(self, spec) -> None:
         """Files a spec names must be inside the data folder (an upload, a finished job's n)."""
-        for name in ("mesh", "init_mesh", "negative_embedding"):
+        for name in (*UPLOADED_MESH_FIELD.values(), "negative_embedding"):
             value = getattr(spec, name, None)
             if value:
                 path = Path(value).resolve()
                 if not path.is_relative_to(self.store.root.resolve()) or not path.is_file():
-                    raise InvalidInputError(f"{name}: {value} is not a file in the server's data folder; upload the "
-                                            f"mesh with the submit, or name a finished job for a negative embedding",
-                                            field=name)
+                    raise InvalidInputError(f"spec.{name}: {value} is not a file in the server's data folder; upload "
+                                            f"the mesh with the submit, or name a finished job for a negative embedding",
+                                            field=f"spec.{name}")
 
     def on_status(self, peer, msg):
         return ok(msg, self.store.get(msg.body.get("job")).to_dict())
@@ -296,40 +316,45 @@ class Server:
 
     def on_cancel(self, peer, msg):
         row = self.store.get(msg.body.get("job"))
-        if row.state == "queued":
-            self.store.set_state(row.id, "cancelled")
-        self.executor.cancel(row.id)
-        return ok(msg, {"job": row.id})
+        if self.executor.cancel_queued(row.id):  # not started: cancelled now, with its terminal event
+            return ok(msg, {"job": row.id, "state": "cancelled"})
+        row = self.store.get(row.id)
+        if row.state != "running":
+            raise InvalidInputError(f"job: {row.id} is {row.state}; only a queued or running job can be cancelled", field="job")
+        self.executor.cancel(row.id)  # stops within one optimisation step
+        return ok(msg, {"job": row.id, "state": "running"})
 
     def on_finish(self, peer, msg):
         row = self.store.get(msg.body.get("job"))
-        self.executor.finish(row.id)
-        return ok(msg, {"job": row.id})
+        if row.state == "queued":
+            raise InvalidInputError(f"job: {row.id} has not started, so it has no result to keep; cancel it instead",
+                                    field="job")
+        if row.state != "running":
+            raise InvalidInputError(f"job: {row.id} is {row.state}; only a running job can be finished", field="job")
+        self.executor.finish(row.id)  # stops within one optimisation step and keeps what it has
+        return ok(msg, {"job": row.id, "state": "running"})
 
     def on_subscribe(self, peer, msg):
         job = msg.body.get("job")
         after = msg.body.get("after", 0)
-        if not isinstance(after, int) or after < 0:
-            raise ProtocolError("after: must be a non-negative integer (the last sequence number seen)", field="after")
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise InvalidInputError("after: must be a non-negative integer (the last sequence number seen)", field="after")
         encoding = msg.body.get("texture_encoding", "auto")
-        if encoding not in ("raw", "png", "auto"):
-            raise ProtocolError("texture_encoding: must be raw, png or auto", field="texture_encoding")
+        if encoding not in TEXTURE_ENCODINGS:
+            raise UnknownNameError(f"texture_encoding: {encoding!r} is not one of {', '.join(TEXTURE_ENCODINGS)}",
+                                   field="texture_encoding")
         row = self.store.get(job)
         self.encodings[peer] = encoding
-        self.subscribers.setdefault(job, set()).add(peer)
-        self._send(peer, ok(msg, {"job": job, "state": row.state}))
-        for snap in self._latest_of(row):  # the latest snapshots first: "done" ends a client's watch
+        last = self.store.last_event(row.id)
+        ended = last is not None and last["kind"] in TERMINAL
+        if not ended:  # a job that has ended sends nothing more: no subscription to keep
+            self.subscribers.setdefault(row.id, set()).add(peer)
+        self._send(peer, ok(msg, {"job": row.id, "state": row.state}))
+        for snap in self.latest.of(row):  # the latest snapshots first: "done" ends a client's watch
             self._send_event(peer, snap)
-        for body in self.store.events_after(job, after):  # then replay what the client missed
+        for body in self.store.events_after(row.id, after):  # then replay what the client missed
             self._send(peer, Message("event", "", body))
         return None
-
-    def _latest_of(self, row) -> list[Message]:
-        """The job's latest snapshots: from memory, else from its folder (after a restart or an eviction)."""
-        found = {kind: snap for (j, kind), snap in self.latest.items() if j == row.id}
-        if len(found) < 2:
-            found = {**load_latest(row.id, self.store.folder(row.id), self.store.last_seq(row.id), row.step), **found}
-        return [found[kind] for kind in ("mesh", "texture", "image") if kind in found]
 
     def on_result(self, peer, msg):
         import numpy as np
@@ -348,14 +373,13 @@ class Server:
                 job, message = self.outbox.get_nowait()
             except queue.Empty:
                 return
-            if message.body.get("kind") in ("image", "texture", "mesh"):
-                key = (job, message.body["kind"])
-                self.latest[key] = message
-                self.latest.move_to_end(key)
-                while len(self.latest) > MAX_LATEST_SNAPSHOTS:
-                    self.latest.popitem(last=False)
+            kind = message.body.get("kind")
+            if kind in SNAPSHOTS:
+                self.latest.keep(job, message)
             for peer in list(self.subscribers.get(job, ())):
                 self._send_event(peer, message)
+            if kind in TERMINAL:  # the job has ended: its subscriptions are done
+                self.subscribers.pop(job, None)
             self._png_cache.clear()
 
     def serve_forever(self, poll_ms: int = 50) -> None:
