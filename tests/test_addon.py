@@ -272,10 +272,16 @@ def test_orientation_gltf_y_up_is_blender_z_up(addon):
     bpy.data.objects.remove(obj)
 
 
+def select_only(*objs):
+    for o in bpy.context.view_layer.objects:
+        o.select_set(o in objs)
+    bpy.context.view_layer.objects.active = objs[0] if objs else None
+
+
 def test_refine_selected_keeps_the_cubes_uvs_and_revert_restores_its_image(addon):
     pump = addon
     cube = bpy.data.objects["Cube"]
-    bpy.context.view_layer.objects.active = cube
+    select_only(cube)
     original = bpy.data.images.new("Original", 16, 16)
     original.pixels.foreach_set(np.full(16 * 16 * 4, 0.5, np.float32))
     mat = cube.active_material
@@ -442,3 +448,220 @@ def test_a_reopened_file_resumes_its_job_and_misses_no_event(addon, tmp_path):
     assert applied[-1] == item.last_seq
     obj = next(o for o in bpy.data.objects if o.get("psd3d_job") == item.job_id)
     assert job_image(item).get("psd3d_snapshots", 0) >= 1 and len(obj.data.polygons) > 0
+
+
+def test_refine_reports_a_mesh_without_faces_and_leaves_it_as_it_was(addon):
+    mesh = bpy.data.meshes.new("Points")
+    mesh.from_pydata([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(0, 1)], [])
+    obj = bpy.data.objects.new("Points", mesh)
+    bpy.context.scene.collection.objects.link(obj)
+    select_only(obj)
+    s = settings("a marble ball")
+    n_jobs = len(s.jobs)
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            bpy.ops.psd3d.refine()
+        assert "no faces" in str(raised.value) and "Traceback" not in str(raised.value)
+        assert obj.mode == "OBJECT" and len(mesh.uv_layers) == 0 and len(s.jobs) == n_jobs
+    finally:
+        bpy.data.objects.remove(obj)
+
+
+def test_greyed_out_buttons_say_why(addon):
+    select_only()
+    s = bpy.context.scene.psd3d
+    for op, reason in ((bpy.ops.psd3d.refine, "Select one or more mesh objects"),
+                       (bpy.ops.psd3d.revert, "not refined")):
+        with pytest.raises(RuntimeError, match=reason):
+            op()
+    item = s.jobs.add()
+    item.job_id, item.state, item.prompt = "d" * 32, "cancelled", "gone"
+    s.active_job = len(s.jobs) - 1
+    try:
+        for op in (bpy.ops.psd3d.cancel, bpy.ops.psd3d.finish):
+            with pytest.raises(RuntimeError, match="is cancelled: only a queued or running job"):
+                op()
+        for op in (bpy.ops.psd3d.fetch_results, bpy.ops.psd3d.use_negative):
+            with pytest.raises(RuntimeError, match="only a finished job"):
+                op()
+    finally:
+        s.jobs.remove(len(s.jobs) - 1)
+
+
+def test_a_malformed_address_is_reported_everywhere_and_never_raises(addon, capsys):
+    pump = addon
+    from blender_addon.blender import connection
+
+    p = bpy.context.preferences.addons[ADDON].preferences
+    s = settings("a red teapot")
+    address, p.address = p.address, "localhost:5557"  # no scheme
+    item = s.jobs.add()  # a job the pump follows
+    item.job_id, item.state, item.prompt = "c" * 32, "running", "waiting"
+    try:
+        for op in (bpy.ops.psd3d.check_connection, bpy.ops.psd3d.generate):
+            with pytest.raises(RuntimeError) as raised:
+                op()
+            assert "localhost:5557" in str(raised.value) and "tcp://" in str(raised.value)
+            assert "Traceback" not in str(raised.value)
+        assert connection.link.state == "failed" and "localhost:5557" in connection.link.text  # the panel's line
+        capsys.readouterr()
+        for _ in range(3):
+            assert pump.tick() == pump.IDLE_INTERVAL
+        assert "Traceback" not in capsys.readouterr().err
+    finally:
+        s.jobs.remove(len(s.jobs) - 1)
+        p.address = address
+    bpy.ops.psd3d.check_connection()
+    pump_until(pump, lambda: connection.link.state == "ok", timeout=30)
+
+
+def _cube(name: str, uv_layouts: dict[str, np.ndarray] | None = None, materials=(), material_index=None):
+    """A cube (6 quads) with the given UV maps (name -> (24, 2) loop UVs) and material slots."""
+    mesh = bpy.data.meshes.new(name)
+    mesh.from_pydata([(x, y, z) for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], [],
+                     [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)])
+    for uv_name, loops in (uv_layouts or {}).items():
+        mesh.uv_layers.new(name=uv_name).uv.foreach_set("vector", np.asarray(loops, np.float32).reshape(-1))
+    for mat in materials:
+        mesh.materials.append(mat)
+    if material_index is not None:
+        mesh.polygons.foreach_set("material_index", np.asarray(material_index, np.int32))
+    obj = bpy.data.objects.new(name, mesh)
+    bpy.context.scene.collection.objects.link(obj)
+    return obj
+
+
+def _grid_uvs(shift: float = 0.0) -> np.ndarray:
+    """Each quad in its own cell of a 3x2 grid (a different layout for each ``shift``)."""
+    cells = []
+    for f in range(6):
+        u0, v0 = (f % 3) / 3 + shift / 3, (f // 3) / 2
+        cells += [(u0 + 0.02, v0 + 0.02), (u0 + 0.3, v0 + 0.02), (u0 + 0.3, v0 + 0.45), (u0 + 0.02, v0 + 0.45)]
+    return np.array(cells, np.float32) % 1.0
+
+
+def _material(name: str, image=None):
+    mat = bpy.data.materials.new(name)
+    mat.use_nodes = True
+    if image is not None:
+        node = mat.node_tree.nodes.new("ShaderNodeTexImage")
+        node.image = image
+        mat.node_tree.links.new(node.outputs["Color"], mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"])
+    return mat
+
+
+def _image(name: str, seed: int, side: int = 16):
+    image = bpy.data.images.new(name, side, side)
+    image.pixels.foreach_set(np.random.default_rng(seed).random(side * side * 4).astype(np.float32))
+    return image
+
+
+def _sample(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Nearest texel of an (H,W,4) texture (row 0 at the top) at glTF UVs (N,2)."""
+    h, w = texture.shape[:2]
+    x = np.clip(np.floor(uv[:, 0] * w).astype(int), 0, w - 1)
+    y = np.clip(np.floor(uv[:, 1] * h).astype(int), 0, h - 1)
+    return texture[y, x]
+
+
+def _inward(uv: np.ndarray) -> np.ndarray:
+    """Triangle corners (F,3,2) moved a little towards their centroid: off any texel edge they sit on."""
+    return uv + 1e-3 * (uv.mean(1, keepdims=True) - uv)
+
+
+def _shown(obj) -> tuple[np.ndarray, np.ndarray, list]:
+    """What Blender shows: per triangle its corners' positions (the frame the refine sends: rotation and
+    scale applied), its corners' UVs in the map each material's image node samples, and that image's pixels."""
+    from blender_addon.blender import scene as bscene
+    from blender_addon.core import frames
+
+    me = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+    try:
+        me.calc_loop_triangles()
+        tris = list(me.loop_triangles)
+        co = np.array([v.co for v in me.vertices], np.float32) @ np.array(obj.matrix_world.to_3x3(), np.float32).T
+        positions = frames.points_to_gltf(co)[np.array([t.vertices[:] for t in tris])]
+        uvs, textures = [], []
+        for t in tris:
+            mat = obj.material_slots[t.material_index].material if obj.material_slots else None
+            node = bscene.base_color_image_node(mat)
+            assert node is not None and node.image is not None, f"{obj.name}: a face shows no image"
+            link = node.inputs["Vector"].links[0] if node.inputs["Vector"].is_linked else None
+            layer = me.uv_layers[link.from_node.uv_map] if link is not None and link.from_node.type == "UVMAP" \
+                else next(layer for layer in me.uv_layers if layer.active_render)
+            uvs.append([[layer.uv[i].vector[0], 1 - layer.uv[i].vector[1]] for i in t.loops])
+            textures.append(bscene.image_rgba8(node.image))
+        return positions, np.array(uvs, np.float32), textures
+    finally:
+        obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
+
+
+def test_refine_the_selection_shows_each_jobs_out_glb_exactly_and_changes_no_other_object(addon):
+    """Own image, no image, no UVs, two UV maps (the active one not the render one), two material slots:
+    one job per selected mesh; at every UV corner the texture Blender shows samples as the job's
+    out.glb does; the active-but-unselected object and the one sharing a material stay as they were."""
+    pump = addon
+    from backend.geometry.mesh import load_mesh
+
+    own = _image("Own", 1)
+    shared = _material("Shared", own)
+    left, right = _material("Left", _image("Left", 2)), _material("Right")
+    objs = [
+        _cube("Own Image", {"UVMap": _grid_uvs()}, [shared]),
+        _cube("No Image", {"UVMap": _grid_uvs()}, [_material("Plain")]),
+        _cube("No UVs"),
+        _cube("Two UV Maps", {"First": _grid_uvs(), "Second": _grid_uvs(0.5)}, [_material("Two Maps")]),
+        _cube("Two Slots", {"UVMap": _grid_uvs()}, [left, right], material_index=[0, 1, 0, 1, 0, 1]),
+    ]
+    objs[3].data.uv_layers.active = objs[3].data.uv_layers["Second"]  # edited in the UV editor...
+    objs[3].data.uv_layers["First"].active_render = True  # ...rendered with the first
+    bystander = _cube("Bystander", {"UVMap": _grid_uvs()}, [shared])  # shares the material
+    for i, o in enumerate([*objs, bystander]):
+        o.location = (10 + 3 * i, 10, 0)
+    select_only(bystander)
+    bystander.select_set(False)  # active but not selected: not refined
+    for o in objs:
+        o.select_set(True)
+    s = settings("a painted wooden toy", steps=4)
+    n_jobs = len(s.jobs)
+    bystander_pixels = np.array(own.pixels)
+    try:
+        assert bpy.ops.psd3d.refine() == {"FINISHED"}
+        pump_until(pump, lambda: len(s.jobs) == n_jobs + len(objs) and jobs_settled(s)
+                   and all(item.results_dir for item in s.jobs[n_jobs:]), timeout=600)
+        items = {item.job_id: item for item in s.jobs[n_jobs:]}
+        assert all(item.state == "done" and item.pipeline == "refine" for item in items.values())
+        assert bystander.material_slots[0].material == shared and shared.node_tree.nodes["Image Texture"].image == own
+        assert np.array_equal(np.array(own.pixels), bystander_pixels) and "psd3d_job" not in shared
+        for obj in objs:
+            job = job_image_of(obj)
+            out = load_mesh(Path(items[job].results_dir) / "out.glb")
+            assert out.texture is not None and out.uvs is not None
+            glb_pos = out.positions.numpy()[out.faces.numpy()]
+            by_corners = {tuple(sorted(map(tuple, np.round(tri, 4)))): i for i, tri in enumerate(glb_pos)}
+            positions, uvs, textures = _shown(obj)
+            assert len(by_corners) == len(positions) == len(out.faces), obj.name
+            glb_uv = np.asarray(out.uvs.numpy(), np.float32)
+            for tri, uv, texture in zip(positions, uvs, textures):
+                j = by_corners[tuple(sorted(map(tuple, np.round(tri, 4))))]
+                order = [int(np.argmin(np.abs(glb_pos[j] - p).sum(1))) for p in tri]  # the same corner in the GLB
+                there = glb_uv[j][order]
+                assert np.allclose(uv, there, atol=1e-5), f"{obj.name}: Blender shows other UVs than the result's"
+                assert np.array_equal(_sample(texture, _inward(uv[None])[0]), _sample(out.texture, _inward(there[None])[0])), \
+                    f"{obj.name}: the texture shown differs from out.glb's"
+        for obj in objs:  # Revert puts every slot back; the shared material was never changed
+            select_only(obj)
+            assert bpy.ops.psd3d.revert() == {"FINISHED"}
+        assert objs[0].material_slots[0].material == shared
+        assert objs[4].material_slots[0].material == left and objs[4].material_slots[1].material == right
+        assert left.node_tree.nodes["Image Texture"].image.name == "Left"
+    finally:
+        for o in [*objs, bystander]:
+            bpy.data.objects.remove(o)
+
+
+def job_image_of(obj) -> str:
+    """The refine job whose image the object's first material shows."""
+    from blender_addon.blender import scene as bscene
+
+    return bscene.base_color_image_node(obj.material_slots[0].material).image["psd3d_job"]

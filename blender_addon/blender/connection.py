@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bpy
+import zmq
 
+from protocol.errors import Psd3dError
 from protocol.session import Session
 from protocol.wire import Message
 
@@ -36,6 +38,13 @@ class Link:
 link = Link()
 
 
+class AddressError(Exception):
+    """The preferences' address or CURVE keys cannot open a socket (a malformed address, unreadable keys)."""
+
+
+_refused: tuple | None = None  # the (address, keys) that last failed to open, with its error
+
+
 def addon_key() -> str:
     return __package__.rsplit(".", 1)[0]  # the add-on's package (bl_ext.<repo>.psd3d or blender_addon)
 
@@ -54,15 +63,30 @@ def curve_keys(p) -> tuple[str, str] | None:
 
 
 def session() -> Session:
-    """The session for the address and keys in the preferences (made anew when they change)."""
-    global _session, _session_key
+    """The session for the address and keys in the preferences (made anew when they change).
+    Raises ``AddressError`` (and says why in ``link``) when they cannot open one; the same
+    address is not tried again, every timer tick, until the preferences change."""
+    global _session, _session_key, _refused
     p = prefs()
     curve = curve_keys(p)
     key = (p.address, curve)
     if _session is None or _session.closed or key != _session_key:
+        if _refused is not None and _refused[0] == key:
+            raise AddressError(_refused[1])
         if _session is not None:
             _session.close()
-        _session = Session(p.address, curve=curve, texture_encoding="raw" if is_local(p.address) else "auto")
+        _session = _session_key = None
+        try:
+            _session = Session(p.address, curve=curve, texture_encoding="raw" if is_local(p.address) else "auto")
+        except (zmq.ZMQError, OSError, ValueError, Psd3dError) as exc:
+            reason = f"address: cannot connect to {p.address!r} ({exc}); write it as tcp://host:port"
+            if curve is not None:
+                reason += " and check the CURVE key files"
+            _refused = (key, reason)
+            _offered.clear()
+            _set_link("failed", reason)
+            raise AddressError(reason) from exc
+        _refused = None
         _session_key = key
         _hello(_session)  # a new address: learn what it offers (presets for the panel) without waiting
     return _session
@@ -147,10 +171,10 @@ def server_process() -> subprocess.Popen | None:
 
 def shutdown() -> None:
     """Close the socket and stop a server this add-on started (its jobs resume when it starts again)."""
-    global _session, _session_key, _server
+    global _session, _session_key, _server, _refused
     if _session is not None:
         _session.close()
-    _session = _session_key = None
+    _session = _session_key = _refused = None
     if _server is not None and _server.poll() is None:
         _server.terminate()
         try:

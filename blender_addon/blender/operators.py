@@ -58,15 +58,16 @@ def add_job(s, job: str, pipeline: str, prompt: str, location, batch: str = "", 
     return item
 
 
-def submit(kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
-    """Send a submit; ``on_jobs(ids, batch)`` runs when the acknowledgement arrives (in the pump)."""
+def submit(session, kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
+    """Send a submit on ``session`` (``connection.session()``, which raises ``AddressError`` for a
+    malformed address); ``on_jobs(ids, batch)`` runs when the acknowledgement arrives (in the pump)."""
     def ok(msg):
         on_jobs(msg.body["jobs"], msg.body.get("batch"))
 
     def failed(exc):
         notices.post(f"{kind} refused: {exc}")
 
-    connection.session().request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
+    session.request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
     pump.ensure_timer()
 
 
@@ -93,7 +94,8 @@ class PSD_OT_generate(_Op, bpy.types.Operator):
             w2l = np.eye(4)  # the prop's frame: a translation to the cursor
             w2l[:3, 3] = [-c for c in cursor]
             fields["cameras"] = camera_rig(context, s, w2l)
-        except (scene.SceneError, Psd3dError) as exc:
+            session = connection.session()
+        except (scene.SceneError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
         scene_name = context.scene.name
 
@@ -104,59 +106,81 @@ class PSD_OT_generate(_Op, bpy.types.Operator):
             item = add_job(sc.psd3d, ids[0], "generate", fields["prompt"], cursor)
             pump.ensure_object(sc, item)
 
-        submit("generate", {"pipeline": "generate", "spec": fields}, None, acknowledged)
+        submit(session, "generate", {"pipeline": "generate", "spec": fields}, None, acknowledged)
         self.report({"INFO"}, f"psd3d: generating {fields['prompt']!r}")
         return {"FINISHED"}
+
+
+def refine_targets(context) -> list:
+    """The selected meshes, the active one first: what Refine Selected works on."""
+    selected = [o for o in context.selected_objects if o.type == "MESH"]
+    active = context.active_object
+    return sorted(selected, key=lambda o: (o != active, o.name))
 
 
 class PSD_OT_refine(_Op, bpy.types.Operator):
     bl_idname = "psd3d.refine"
     bl_label = "Refine Selected"
-    bl_description = ("Re-texture the active mesh with PSD: its UVs are kept (a mesh without any is unwrapped first), "
-                      "its texture is the start, and the result goes into a new image on its material (Revert puts "
-                      "the original back)")
+    bl_description = ("Re-texture the selected meshes with PSD, one job each: their active UV maps are kept (a mesh "
+                      "without any is unwrapped first), their texture is the start, and the result goes into a new "
+                      "image on all their materials (a material other objects share is copied first; Revert puts "
+                      "the originals back)")
 
     @classmethod
     def poll(cls, context):
-        return context.active_object is not None and context.active_object.type == "MESH"
+        if refine_targets(context):
+            return True
+        cls.poll_message_set("Select one or more mesh objects to refine")
+        return False
 
     def execute(self, context):
-        s, obj = context.scene.psd3d, context.active_object
+        s = context.scene.psd3d
+        targets = refine_targets(context)
         try:
             fields = spec_fields(s)
             if not fields["prompt"]:
                 raise scene.SceneError("prompt: is empty; describe the texture to make")
-            if obj.mode != "OBJECT":
+            for obj in targets:  # every object is checked before anything is changed or sent
+                scene.check_refinable(obj)
+            if context.mode != "OBJECT":
                 bpy.ops.object.mode_set(mode="OBJECT")  # edit-mode changes reach the mesh data
-            if scene.ensure_uvs(obj):
-                self.report({"INFO"}, f"psd3d: {obj.name} had no UV map; unwrapped it into 'PSD UV' (Smart UV Project)")
-            # the mesh goes with the object's rotation and scale applied, about its origin: scene cameras stay
-            # rigid in that frame (a scaled object would otherwise scale them) and orbits keep the world's up
-            linear = np.array(obj.matrix_world.to_3x3())
-            arrays = scene.mesh_arrays(obj, context.evaluated_depsgraph_get(), linear)
-            if "uvs" not in arrays:
-                raise scene.SceneError(f"{obj.name}: its evaluated mesh has no UV map (a modifier removes it)")
-            to_frame = np.eye(4)
-            to_frame[:3, 3] = -np.array(obj.matrix_world.translation)
-            fields["cameras"] = camera_rig(context, s, to_frame)
-        except (scene.SceneError, Psd3dError) as exc:
+            requests = [self.request(context, s, obj, fields) for obj in targets]
+            session = connection.session()
+        except (scene.SceneError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
-        scene_name, obj_name = context.scene.name, obj.name
-        size = arrays["texture"].shape[1::-1] if "texture" in arrays else (1024, 1024)
+        scene_name = context.scene.name
+        for obj_name, job_fields, arrays, uv_map in requests:
+            size = arrays["texture"].shape[1::-1] if "texture" in arrays else (1024, 1024)
 
-        def acknowledged(ids, _batch):
-            sc, target = bpy.data.scenes.get(scene_name), bpy.data.objects.get(obj_name)
-            if sc is None or target is None:
-                return
-            add_job(sc.psd3d, ids[0], "refine", fields["prompt"], tuple(target.location))
-            scene.attach_refine_image(target, ids[0], *size)
-            image = scene.job_image(ids[0])
-            if "texture" in arrays:  # start from the original, as the backend does
-                scene.apply_texture(image, arrays["texture"])
+            def acknowledged(ids, _batch, obj_name=obj_name, job_fields=job_fields, arrays=arrays, uv_map=uv_map,
+                             size=size):
+                sc, target = bpy.data.scenes.get(scene_name), bpy.data.objects.get(obj_name)
+                if sc is None or target is None:
+                    return
+                add_job(sc.psd3d, ids[0], "refine", job_fields["prompt"], tuple(target.location))
+                image = scene.attach_refine_image(target, ids[0], *size, uv_map=uv_map)
+                if "texture" in arrays:  # start from the original, as the backend does
+                    scene.apply_texture(image, arrays["texture"])
 
-        submit("refine", {"pipeline": "refine", "spec": fields}, arrays, acknowledged)
-        self.report({"INFO"}, f"psd3d: refining {obj.name} ({len(arrays['faces'])} triangles)")
+            submit(session, "refine", {"pipeline": "refine", "spec": job_fields}, arrays, acknowledged)
+        names = ", ".join(name for name, *_ in requests)
+        self.report({"INFO"}, f"psd3d: refining {names}" + (f" ({len(requests)} jobs)" if len(requests) > 1 else ""))
         return {"FINISHED"}
+
+    def request(self, context, s, obj, fields: dict) -> tuple[str, dict, dict, str]:
+        """(object name, spec fields, arrays, UV map) of one object's refine."""
+        if scene.ensure_uvs(obj):
+            self.report({"INFO"}, f"psd3d: {obj.name} had no UV map; unwrapped it into 'PSD UV' (Smart UV Project)")
+        uv_map = scene.refine_uv_map(obj)
+        # the mesh goes with the object's rotation and scale applied, about its origin: scene cameras stay
+        # rigid in that frame (a scaled object would otherwise scale them) and orbits keep the world's up
+        linear = np.array(obj.matrix_world.to_3x3())
+        arrays = scene.mesh_arrays(obj, context.evaluated_depsgraph_get(), linear, uv_map)
+        if "uvs" not in arrays:
+            raise scene.SceneError(f"{obj.name}: its evaluated mesh has no UV map {uv_map!r} (a modifier removes it)")
+        to_frame = np.eye(4)
+        to_frame[:3, 3] = -np.array(obj.matrix_world.translation)
+        return obj.name, {**fields, "cameras": camera_rig(context, s, to_frame)}, arrays, uv_map
 
 
 class PSD_OT_batch(_Op, bpy.types.Operator):
@@ -186,7 +210,8 @@ class PSD_OT_batch(_Op, bpy.types.Operator):
             fields = spec_fields(s)
             fields.pop("prompt")
             fields["cameras"] = camera_rig(context, s, np.eye(4))
-        except (scene.SceneError, library.LibraryError, Psd3dError) as exc:
+            session = connection.session()
+        except (scene.SceneError, library.LibraryError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
         scene_name, cursor = context.scene.name, tuple(context.scene.cursor.location)
         folder = Path(bpy.path.abspath(s.library_dir))
@@ -199,7 +224,7 @@ class PSD_OT_batch(_Op, bpy.types.Operator):
             for i, (job, prompt) in enumerate(zip(ids, prompts)):
                 add_job(sc.psd3d, job, "generate", prompt, cursor, batch=batch, library_path=str(blend), index=i)
 
-        submit("batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, acknowledged)
+        submit(session, "batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, acknowledged)
         self.report({"INFO"}, f"psd3d: batch of {len(prompts)} prompts submitted")
         return {"FINISHED"}
 
@@ -212,12 +237,21 @@ def _selected_job(context):
 
 
 class _OnSelectedJob(_Op):
-    """An operator on the job selected in the list, available when ``accepts`` it."""
+    """An operator on the job selected in the list, available when ``accepts`` it (greyed out, with
+    ``refusal`` as the reason, when not)."""
+
+    refusal = ""
 
     @classmethod
     def poll(cls, context):
         item = _selected_job(context)
-        return item is not None and cls.accepts(item)
+        if item is None:
+            cls.poll_message_set("Select a job in the list")
+            return False
+        if not cls.accepts(item):
+            cls.poll_message_set(cls.refusal.format(state=item.state))
+            return False
+        return True
 
     @staticmethod
     def accepts(item) -> bool:
@@ -226,16 +260,20 @@ class _OnSelectedJob(_Op):
 
 class _JobControl(_OnSelectedJob):
     request = ""
+    refusal = "The selected job is {state}: only a queued or running job can be stopped"
 
     @staticmethod
     def accepts(item) -> bool:
-        return item.active
+        return item.active and bool(item.job_id)
 
     def execute(self, context):
         item = _selected_job(context)
         job = item.job_id
-        connection.session().request(self.request, {"job": job},
-                                     on_error=lambda exc: notices.post(f"{self.request} {job[:8]}: {exc}"))
+        try:
+            session = connection.session()
+        except connection.AddressError as exc:
+            return self.fail(exc)
+        session.request(self.request, {"job": job}, on_error=lambda exc: notices.post(f"{self.request} {job[:8]}: {exc}"))
         pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: {self.request} {job[:8]}")
         return {"FINISHED"}
@@ -258,23 +296,27 @@ class PSD_OT_finish(_JobControl, bpy.types.Operator):
 class PSD_OT_revert(_Op, bpy.types.Operator):
     bl_idname = "psd3d.revert"
     bl_label = "Revert Texture"
-    bl_description = "Put back the image the active object's material had before it was refined"
+    bl_description = "Put back the materials and images the active object had before it was refined"
 
     @classmethod
     def poll(cls, context):
-        obj = context.active_object
-        return obj is not None and obj.active_material is not None and scene.ORIGINAL_KEY in obj.active_material
+        if scene.refined(context.active_object):
+            return True
+        cls.poll_message_set("The active object was not refined by psd3d: nothing to put back")
+        return False
 
     def execute(self, context):
         try:
-            name = scene.revert(context.active_object)
+            names = scene.revert(context.active_object)
         except scene.SceneError as exc:
             return self.fail(exc)
-        self.report({"INFO"}, f"psd3d: restored {name or 'no image'}")
+        self.report({"INFO"}, f"psd3d: restored {', '.join(n or 'no image' for n in names)}")
         return {"FINISHED"}
 
 
 class _OnFinishedJob(_OnSelectedJob):
+    refusal = "The selected job is {state}: only a finished job has results"
+
     @staticmethod
     def accepts(item) -> bool:
         return item.state == "done"
@@ -313,7 +355,10 @@ class PSD_OT_fetch_results(_OnFinishedJob, bpy.types.Operator):
 
     def execute(self, context):
         item = _selected_job(context)
-        results.fetch(item.job_id)
+        try:
+            results.fetch(item.job_id)
+        except connection.AddressError as exc:
+            return self.fail(exc)
         pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: fetching the results of {item.job_id[:8]} into {results.job_folder(item)}")
         return {"FINISHED"}
@@ -323,6 +368,7 @@ class PSD_OT_open_results(_OnSelectedJob, bpy.types.Operator):
     bl_idname = "psd3d.open_results"
     bl_label = "Open Results Folder"
     bl_description = "Show the selected job's files in the system's file browser"
+    refusal = "The selected job's files are not fetched yet (Fetch Results)"
 
     @staticmethod
     def accepts(item) -> bool:
@@ -341,8 +387,8 @@ class PSD_OT_check_connection(_Op, bpy.types.Operator):
     def execute(self, context):
         try:
             connection.check()
-        except (Psd3dError, OSError, ValueError) as exc:  # a malformed address or unreadable CURVE keys
-            return self.fail(Exception(f"address: {exc}"))
+        except connection.AddressError as exc:  # a malformed address or unreadable CURVE keys
+            return self.fail(exc)
         pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: {connection.link.text}")
         return {"FINISHED"}
@@ -364,7 +410,10 @@ class PSD_OT_start_server(_Op, bpy.types.Operator):
         data = Path(bpy.path.abspath(p.data_dir))
         data.mkdir(parents=True, exist_ok=True)
         proc = connection.start_server(exe, p.address, str(data), data / "serve.log")
-        connection.check()  # answered once the backend has bound its address
+        try:
+            connection.check()  # answered once the backend has bound its address
+        except connection.AddressError as exc:
+            return self.fail(exc)
         pump.ensure_timer()
         self.report({"INFO"}, f"psd3d: backend started (pid {proc.pid}); log in {data / 'serve.log'}")
         return {"FINISHED"}

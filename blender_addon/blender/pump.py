@@ -50,11 +50,16 @@ def pump(budget: float = 0.0) -> float:
     sess = connection.current()
     if not open_jobs and sess is None:
         return IDLE_INTERVAL
-    sess = connection.session()
+    link_since = connection.link.since
+    try:
+        sess = connection.session()
+    except connection.AddressError:  # said in the panel (connection.link); waits for new preferences
+        if connection.link.since != link_since:
+            notices.redraw()
+        return IDLE_INTERVAL
     for _, item in open_jobs:
         if item.job_id not in sess.jobs:
             sess.follow(item.job_id, after=item.last_seq)
-    link_since = connection.link.since
     changed = False
     for job_event in sess.poll(budget):
         changed |= apply(job_event)

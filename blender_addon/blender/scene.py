@@ -12,7 +12,9 @@ from ..core import frames
 JOB_KEY = "psd3d_job"  # custom property on objects, meshes, images and materials
 TOPOLOGY_KEY = "psd3d_topology"  # on the mesh: the topology_id its faces came from
 ORIGINAL_KEY = "psd3d_original_image"  # on a refined material: the image Revert puts back ("" = none)
+ORIGINAL_MATERIAL_KEY = "psd3d_original_material"  # on a refine's copy of a shared material: the one Revert puts back
 UV_NAME = "UVMap"
+UV_NODE = "PSD UV Map"  # a refined material's UV Map node: the image is sampled with the UV map that was sent
 
 
 class SceneError(Exception):
@@ -149,11 +151,11 @@ def image_rgba8(image: bpy.types.Image) -> np.ndarray:
 
 
 # -- reading the artist's mesh -----------------------------------------------------------------
-def mesh_arrays(obj: bpy.types.Object, depsgraph, linear: np.ndarray | None = None) -> dict:
+def mesh_arrays(obj: bpy.types.Object, depsgraph, linear: np.ndarray | None = None, uv_map: str | None = None) -> dict:
     """The object's evaluated mesh (modifiers applied), triangulated, as glTF arrays: positions (in its
     local frame, or mapped by the 3x3 ``linear`` first; a mirroring one also reverses the winding, so
-    faces keep facing out), faces, and with an active UV map per-corner uvs, with a base-colour image
-    the texture."""
+    faces keep facing out), faces, and with the UV map ``uv_map`` (default: the active one) per-corner
+    uvs, with a base-colour image (``start_image``) the texture."""
     evaluated = obj.evaluated_get(depsgraph)
     me = evaluated.to_mesh()
     try:
@@ -175,64 +177,177 @@ def mesh_arrays(obj: bpy.types.Object, depsgraph, linear: np.ndarray | None = No
                 tri_loops = np.ascontiguousarray(tri_loops.reshape(-1, 3)[:, ::-1]).reshape(-1)
         arrays = {"positions": frames.points_to_gltf(co),
                   "faces": tri_verts.reshape(-1, 3)}
-        layer = me.uv_layers.active
+        layer = me.uv_layers.get(uv_map) if uv_map else me.uv_layers.active
         if layer is not None:
             loop_uv = np.empty(len(me.loops) * 2, np.float32)
             layer.uv.foreach_get("vector", loop_uv)
             arrays["uvs"] = frames.uvs_to_gltf(loop_uv.reshape(-1, 2)[tri_loops], n_tris)
-            node = base_color_image_node(obj.active_material)
-            if node is not None and node.image is not None and node.image.size[0] > 0:
-                arrays["texture"] = image_rgba8(node.image)
+            image = start_image(obj)
+            if image is not None:
+                arrays["texture"] = image_rgba8(image)
         return arrays
     finally:
         evaluated.to_mesh_clear()
 
 
+def start_image(obj: bpy.types.Object) -> bpy.types.Image | None:
+    """The image a refine starts from: the active slot's base-colour image, else the first slot's that has one."""
+    slots = [obj.active_material] + [slot.material for slot in obj.material_slots]
+    for mat in slots:
+        node = base_color_image_node(mat)
+        if node is not None and node.image is not None and node.image.size[0] > 0:
+            return node.image
+    return None
+
+
+def refine_uv_map(obj: bpy.types.Object) -> str:
+    """The UV map a refine sends and the result is shown with: the active one (the UV editor's)."""
+    return obj.data.uv_layers.active.name
+
+
+def check_refinable(obj: bpy.types.Object) -> None:
+    if obj.type != "MESH":
+        raise SceneError(f"{obj.name}: is a {obj.type.lower()}, not a mesh")
+    if len(obj.data.polygons) == 0:
+        raise SceneError(f"{obj.name}: has no faces to texture (only vertices or edges)")
+
+
 def ensure_uvs(obj: bpy.types.Object) -> bool:
     """Give a mesh without a UV map one (Smart UV Project into "PSD UV"), so the backend's texture
-    maps back onto the artist's own loops. Returns True when it unwrapped. The object ends in object mode."""
+    maps back onto the artist's own loops. Returns True when it unwrapped. The object ends in object
+    mode, also when the unwrap fails (then without the new layer)."""
     if obj.data.uv_layers:
         return False
-    with bpy.context.temp_override(active_object=obj, object=obj, selected_objects=[obj],
-                                   selected_editable_objects=[obj]):
-        bpy.ops.object.mode_set(mode="EDIT")
-        bpy.ops.mesh.select_all(action="SELECT")
-        obj.data.uv_layers.new(name="PSD UV")
-        bpy.ops.uv.smart_project(island_margin=0.02)
-        bpy.ops.object.mode_set(mode="OBJECT")
+    check_refinable(obj)
+    # edit mode takes in every selected mesh (and Smart UV Project unwraps them all): only this one, for now
+    view_layer = bpy.context.view_layer
+    selected, active = [o for o in view_layer.objects if o.select_get()], view_layer.objects.active
+    for o in selected:
+        o.select_set(False)
+    obj.select_set(True)
+    view_layer.objects.active = obj
+    try:
+        with bpy.context.temp_override(active_object=obj, object=obj, selected_objects=[obj],
+                                       selected_editable_objects=[obj]):
+            bpy.ops.object.mode_set(mode="EDIT")
+            try:
+                bpy.ops.mesh.select_all(action="SELECT")
+                obj.data.uv_layers.new(name="PSD UV")
+                bpy.ops.uv.smart_project(island_margin=0.02)
+            except RuntimeError as exc:
+                bpy.ops.object.mode_set(mode="OBJECT")
+                layer = obj.data.uv_layers.get("PSD UV")
+                if layer is not None:
+                    obj.data.uv_layers.remove(layer)
+                raise SceneError(f"{obj.name}: could not be unwrapped ({exc}); give it a UV map") from exc
+            bpy.ops.object.mode_set(mode="OBJECT")
+    finally:
+        obj.select_set(obj in selected)
+        for o in selected:
+            o.select_set(True)
+        view_layer.objects.active = active
     return True
 
 
-# -- refine: a new image on the selected object's material, and back ------------------------------
-def attach_refine_image(obj: bpy.types.Object, job: str, width: int, height: int) -> bpy.types.Image:
-    """Give the object's material a new image (for the refine job's texture) on Base Color, keeping the
-    original image, which ``revert`` puts back. A material is created when the object has none."""
-    mat = obj.active_material
-    if mat is None:
-        mat = bpy.data.materials.new(f"{obj.name} PSD")
-        obj.data.materials.append(mat)
+# -- refine: a new image on the selected object's materials, and back ---------------------------
+def used_elsewhere(obj: bpy.types.Object, mat: bpy.types.Material) -> bool:
+    """Whether an object other than ``obj`` shows ``mat``."""
+    return any(o != obj and any(slot.material == mat for slot in o.material_slots) for o in bpy.data.objects)
+
+
+def own_materials(obj: bpy.types.Object) -> list[bpy.types.Material]:
+    """The object's materials, one per slot, made its own so that a refine changes no other object:
+    an object without materials gets one, an empty slot a new one, and a material another object
+    shows is replaced (in this object's slot only) by a copy, which Revert swaps back."""
+    if not obj.material_slots:
+        obj.data.materials.append(None)
+    shared_mesh = obj.data.users > 1
+    copies: dict[str, bpy.types.Material] = {}
+    out: list[bpy.types.Material] = []
+    for slot in obj.material_slots:
+        mat = slot.material
+        if mat is None or used_elsewhere(obj, mat):
+            if mat is None:
+                new = bpy.data.materials.new(f"{obj.name} PSD")
+            else:
+                new = copies.get(mat.name)
+                if new is None:
+                    new = copies[mat.name] = mat.copy()
+                    new[ORIGINAL_MATERIAL_KEY] = mat.name
+            if shared_mesh and slot.link == "DATA":  # the mesh's slots are the other objects' too
+                slot.link = "OBJECT"
+            slot.material = mat = new
+        if mat not in out:
+            out.append(mat)
+    return out
+
+
+def attach_refine_image(obj: bpy.types.Object, job: str, width: int, height: int,
+                        uv_map: str | None = None) -> bpy.types.Image:
+    """Show a new image (for the refine job's texture) on the Base Color of every material of the
+    object, sampled with the UV map that was sent (``uv_map``, default the active one), keeping each
+    original image, which ``revert`` puts back."""
+    uv_map = uv_map or refine_uv_map(obj)
+    image = ensure_image(job, obj.name, width, height)
+    for mat in own_materials(obj):
+        _show_image(mat, image, uv_map)
+        mat[JOB_KEY] = job
+    return image
+
+
+def _show_image(mat: bpy.types.Material, image: bpy.types.Image, uv_map: str) -> None:
     mat.use_nodes = True
+    tree = mat.node_tree
     node = base_color_image_node(mat)
     if node is None:
         bsdf = principled(mat)
-        node = mat.node_tree.nodes.new("ShaderNodeTexImage")
+        node = tree.nodes.new("ShaderNodeTexImage")
         node.location = (bsdf.location[0] - 320, bsdf.location[1])
-        mat.node_tree.links.new(node.outputs["Color"], bsdf.inputs["Base Color"])
+        tree.links.new(node.outputs["Color"], bsdf.inputs["Base Color"])
     if ORIGINAL_KEY not in mat:  # a second refine keeps the very first original
         mat[ORIGINAL_KEY] = node.image.name if node.image is not None else ""
         if node.image is not None:
             node.image.use_fake_user = True  # kept in the .blend while no node uses it
-    image = ensure_image(job, obj.name, width, height)
     node.image = image
-    mat[JOB_KEY] = job
-    return image
+    vector = node.inputs["Vector"]
+    if not vector.is_linked or vector.links[0].from_node.name == UV_NODE:  # an artist's mapping stays
+        uv_node = tree.nodes.get(UV_NODE) or tree.nodes.new("ShaderNodeUVMap")
+        uv_node.name = uv_node.label = UV_NODE
+        uv_node.uv_map = uv_map
+        uv_node.location = (node.location[0] - 220, node.location[1])
+        tree.links.new(uv_node.outputs["UV"], vector)
 
 
-def revert(obj: bpy.types.Object) -> str:
-    """Put back the image the object's material had before its first refine. Returns its name."""
-    mat = obj.active_material
-    if mat is None or ORIGINAL_KEY not in mat:
-        raise SceneError(f"{obj.name}: its material was not refined by psd3d; nothing to revert")
+def refined(obj: bpy.types.Object | None) -> bool:
+    """Whether a refine changed one of the object's materials (so Revert has something to put back)."""
+    return obj is not None and any(slot.material is not None and (ORIGINAL_KEY in slot.material or
+                                   ORIGINAL_MATERIAL_KEY in slot.material) for slot in obj.material_slots)
+
+
+def revert(obj: bpy.types.Object) -> list[str]:
+    """Put back, in every slot, the material or image it had before the object's first refine.
+    Returns the names put back ("" for a slot that had no image)."""
+    if not refined(obj):
+        raise SceneError(f"{obj.name}: its materials were not refined by psd3d; nothing to revert")
+    restored = []
+    for slot in obj.material_slots:
+        mat = slot.material
+        if mat is None:
+            continue
+        if ORIGINAL_MATERIAL_KEY in mat:  # a copy of a shared material: the shared one comes back
+            original = bpy.data.materials.get(mat[ORIGINAL_MATERIAL_KEY])
+            if original is None:
+                raise SceneError(f"{obj.name}: the original material {mat[ORIGINAL_MATERIAL_KEY]!r} is no longer in this file")
+            slot.material = original
+            if mat.users == 0:
+                bpy.data.materials.remove(mat)
+            restored.append(original.name)
+        elif ORIGINAL_KEY in mat:
+            restored.append(_restore_image(obj, mat))
+    return restored
+
+
+def _restore_image(obj: bpy.types.Object, mat: bpy.types.Material) -> str:
     node = base_color_image_node(mat)
     original = mat[ORIGINAL_KEY]
     if node is not None:
@@ -243,5 +358,8 @@ def revert(obj: bpy.types.Object) -> str:
             node.image = image
         else:  # there was no image: remove the node we added
             mat.node_tree.nodes.remove(node)
+    uv_node = mat.node_tree.nodes.get(UV_NODE)
+    if uv_node is not None:
+        mat.node_tree.nodes.remove(uv_node)
     del mat[ORIGINAL_KEY]
     return original
