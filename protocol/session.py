@@ -109,14 +109,18 @@ class Session:
                 on_reply: OnReply | None = None, on_error: OnError | None = None,
                 timeout: float | None = None) -> str:
         """Send a request now; ``on_reply(message)`` or ``on_error(exception)`` runs inside a later ``poll``."""
+        if self.socket is None:
+            raise ConnectionLost(f"{kind}: the session is closed", sent=False)
         rid = f"s{next(self._ids)}"
         body = dict(body or {})
         if kind == "submit":
             body.setdefault("key", new_submit_key())
-        self._pending[rid] = _Pending(kind, time.monotonic(), self.timeout if timeout is None else timeout, on_reply,
-                                      on_error, body.get("key") if kind == "submit" else None,
-                                      encode(Message(kind, rid, body, arrays or {})))
+        pending = self._pending[rid] = _Pending(kind, time.monotonic(), self.timeout if timeout is None else timeout,
+                                                on_reply, on_error, body.get("key") if kind == "submit" else None,
+                                                encode(Message(kind, rid, body, arrays or {})))
         self._flush()
+        if pending.frames is not None:  # it waits: copy the arrays, the caller may reuse them
+            pending.frames = [bytes(frame) for frame in pending.frames]
         return rid
 
     def _flush(self) -> None:

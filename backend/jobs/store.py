@@ -1,7 +1,10 @@
 """The job store: SQLite (WAL) for job state and the exactly-once events, one folder per job.
 
 A submit is written (spec file, then the row, ``synchronous=FULL``) before it is acknowledged,
-so an acknowledged job survives a crash (the zguide's Titanic pattern). Job ids are uuid4 hex
+so an acknowledged job survives a crash (the zguide's Titanic pattern). A submit's idempotency
+key is stored in the transaction that creates its jobs, so a resent submit finds exactly them.
+State changes that race (the server cancelling a queued job, the worker starting it) go through
+``transition``, which moves a job only from the states it names. Job ids are uuid4 hex
 strings and are checked before any path is built from them, so no request reaches outside
 the data directory.
 """
@@ -78,14 +81,7 @@ class JobStore:
 
     # -- writes --------------------------------------------------------------------------
     def create(self, pipeline: str, spec: dict, batch: str | None = None) -> str:
-        job_id = uuid.uuid4().hex
-        folder = self.folder(job_id)
-        folder.mkdir(parents=True)
-        atomic_write_json(folder / "job.json", {"id": job_id, "pipeline": pipeline, "spec": spec, "batch": batch})
-        with self._lock:
-            self._db.execute("INSERT INTO jobs (id, pipeline, spec, state, created, batch) VALUES (?, ?, ?, 'queued', ?, ?)",
-                             (job_id, pipeline, json.dumps(spec), time.time(), batch))
-        return job_id
+        return self.create_jobs(pipeline, [spec], batch, None)[0]
 
     def create_jobs(self, pipeline: str, specs: list[dict], batch: str | None, key: str | None) -> list[str]:
         """Create one job per spec, all or none, remembering the submit's idempotency ``key`` in the same

@@ -5,7 +5,8 @@ reply, a malformed one an error naming the field); executor events are fanned ou
 subscribers of their job. Sends never block the loop: ROUTER_MANDATORY + NOBLOCK, and a
 message to a full or vanished peer is dropped — harmless for snapshots (they coalesce) and
 for exactly-once events too, because a client that sees a gap in sequence numbers
-resubscribes with the last one it saw and the store replays the rest.
+resubscribes with the last one it saw and the store replays the rest. A job's terminal event
+(``done`` or ``failed``) ends its subscriptions. The contract is docs/protocol.md.
 """
 
 from __future__ import annotations
