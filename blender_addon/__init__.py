@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from .blender import connection, operators, panel, prefs, props, pump, results
+from .blender import connection, operators, panel, prefs, props, pump, results, scene
 
 CLASSES = (*props.CLASSES, *prefs.CLASSES, *operators.CLASSES, *panel.CLASSES)
 
@@ -21,17 +21,26 @@ def _on_load(_dummy) -> None:
     pump.ensure_timer()
 
 
+@persistent
+def _on_save(_dummy) -> None:
+    """The file is being saved: the streamed textures go into it (a generated image is saved only when packed)."""
+    scene.pack_job_images()
+
+
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     props.register_properties()
     bpy.types.STATUSBAR_HT_header.append(panel.draw_status)
     bpy.app.handlers.load_post.append(_on_load)
+    bpy.app.handlers.save_pre.append(_on_save)
     pump.ensure_timer()
 
 
 def unregister() -> None:
     pump.stop_timer()
+    if _on_save in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.remove(_on_save)
     if _on_load in bpy.app.handlers.load_post:
         bpy.app.handlers.load_post.remove(_on_load)
     bpy.types.STATUSBAR_HT_header.remove(panel.draw_status)

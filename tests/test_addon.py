@@ -87,7 +87,7 @@ def test_register_and_unregister_leave_no_trace():
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     before_types = {name for name in dir(bpy.types) if name.startswith("PSD_")}
-    before_handlers = len(bpy.app.handlers.load_post)
+    before_handlers = (len(bpy.app.handlers.load_post), len(bpy.app.handlers.save_pre))
     for _ in range(2):
         addon_utils.enable(ADDON, default_set=True)
         assert hasattr(bpy.types.Scene, "psd3d") and bpy.app.timers.is_registered(pump.tick)
@@ -99,7 +99,7 @@ def test_register_and_unregister_leave_no_trace():
         assert not hasattr(bpy.types.Scene, "psd3d")
         assert {name for name in dir(bpy.types) if name.startswith("PSD_")} == before_types
         assert not bpy.app.timers.is_registered(pump.tick)
-        assert len(bpy.app.handlers.load_post) == before_handlers
+        assert (len(bpy.app.handlers.load_post), len(bpy.app.handlers.save_pre)) == before_handlers
         assert panel.draw_status not in bpy.types.STATUSBAR_HT_header._dyn_ui_initialize()
         assert connection.current() is None and connection.server_process() is None
         assert results._previews is None
@@ -665,3 +665,67 @@ def job_image_of(obj) -> str:
     from blender_addon.blender import scene as bscene
 
     return bscene.base_color_image_node(obj.material_slots[0].material).image["psd3d_job"]
+
+
+@pytest.mark.parametrize("stage", ["geometry", "texture"])
+def test_stop_and_keep_leaves_exactly_out_glb_in_the_scene(addon, stage):
+    """Stopped in either stage, the object in the scene is the kept result: out.glb's triangles (in the
+    prop's scale), its UVs and its texture, byte for byte; the job list shows where it stopped."""
+    pump = addon
+    from backend.geometry.mesh import load_mesh
+    from blender_addon.blender import scene as bscene
+    from blender_addon.core import frames
+
+    s = settings(f"a stopped {stage} teapot", steps=30)
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+    pump_until(pump, lambda: len(s.jobs) > n_jobs and s.jobs[-1].stage == stage and s.jobs[-1].step >= 2)
+    item = s.jobs[-1]
+    s.active_job = len(s.jobs) - 1
+    assert bpy.ops.psd3d.finish() == {"FINISHED"}
+    pump_until(pump, lambda: item.state == "done" and bool(item.results_dir))
+    assert item.step < item.total, "the list shows where the job stopped"
+    out = load_mesh(Path(item.results_dir) / "out.glb")
+    obj = bscene.job_object(item.job_id)
+    mesh = obj.data
+    co = np.empty(len(mesh.vertices) * 3, np.float32)
+    mesh.vertices.foreach_get("co", co)
+    corners = np.empty(len(mesh.loops), np.int32)
+    mesh.loops.foreach_get("vertex_index", corners)
+    assert len(mesh.polygons) == len(out.faces) and len(mesh.loops) == 3 * len(out.faces)
+    shown = frames.points_to_gltf(co.reshape(-1, 3) / item.mesh_scale)[corners].reshape(-1, 3, 3)
+    np.testing.assert_allclose(shown, out.positions.numpy()[out.faces.numpy()], atol=1e-5)
+    uv = np.empty(len(mesh.loops) * 2, np.float32)
+    mesh.uv_layers.active.uv.foreach_get("vector", uv)
+    np.testing.assert_allclose(frames.uvs_to_gltf(uv, len(out.faces)), out.uvs.numpy(), atol=1e-6)
+    assert np.array_equal(bscene.image_rgba8(bscene.job_image(item.job_id)), out.texture)
+
+
+def test_a_file_saved_mid_job_keeps_the_streamed_texture(addon, tmp_path):
+    pump = addon
+    from blender_addon.blender import connection
+    from blender_addon.blender import scene as bscene
+
+    s = settings("a green kettle", steps=30)
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+
+    def textured():
+        image = bscene.job_image(s.jobs[-1].job_id) if len(s.jobs) > n_jobs else None
+        return image is not None and image.size[0] > 4 and image.get("psd3d_snapshots", 0) >= 1
+
+    pump_until(pump, textured)
+    job = s.jobs[-1].job_id
+    streamed = bscene.image_rgba8(bscene.job_image(job))
+    path = str(tmp_path / "mid_job.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    connection.shutdown()
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    image = bscene.job_image(job)
+    assert tuple(image.size) == streamed.shape[1::-1], "the reopened file shows the placeholder"
+    assert np.array_equal(bscene.image_rgba8(image), streamed)
+    s = bpy.context.scene.psd3d
+    s.active_job = len(s.jobs) - 1
+    assert bpy.ops.psd3d.cancel() == {"FINISHED"}
+    pump_until(pump, lambda: jobs_settled(s))

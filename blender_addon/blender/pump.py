@@ -99,13 +99,10 @@ def apply(job_event: JobEvent) -> bool:
         scene.apply_texture(image, event.image)
         image[SNAPSHOTS_KEY] = image.get(SNAPSHOTS_KEY, 0) + 1
     elif isinstance(event, Done):
-        item.state, item.last_seq = "done", job_event.seq
-        item.step = item.total
+        item.state, item.last_seq = "done", job_event.seq  # step stays where it stopped (Stop & Keep)
         if event.final.get("target_reward") is not None:
             item.reward = float(event.final["target_reward"])
-        image = scene.job_image(item.job_id)
-        if image is not None and image.size[0] > 4:
-            image.pack()  # a generated image is kept in the .blend only when packed
+        scene.pack_job_images()  # a generated image is kept in the .blend only when packed
         if item.batch:
             assets.finish_batch_job(sc, item, event.final)
         results.fetch(item.job_id)

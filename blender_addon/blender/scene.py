@@ -143,6 +143,18 @@ def apply_texture(image: bpy.types.Image, rgba: np.ndarray) -> None:
     image.update()
 
 
+def pack_job_images() -> int:
+    """Pack every job image that holds a streamed texture (a save keeps a generated image only when it
+    is packed; a reopened file would show the 4x4 placeholder until the backend sent it again).
+    Returns how many were packed."""
+    packed = 0
+    for image in bpy.data.images:
+        if JOB_KEY in image and image.size[0] > 4 and (image.is_dirty or image.packed_file is None):
+            image.pack()
+            packed += 1
+    return packed
+
+
 def image_rgba8(image: bpy.types.Image) -> np.ndarray:
     w, h = image.size
     pixels = np.empty(w * h * 4, np.float32)
