@@ -164,7 +164,9 @@ class Client:
         ``texture_encoding``: "raw", "png" (smaller, for slow links) or "auto" (PNG above 256 KiB)."""
         cursor = EventCursor(last=after)
         sub = lambda: {"job": job, "after": cursor.last, "texture_encoding": texture_encoding}  # noqa: E731
-        self.request("subscribe", sub())
+        reply = self.request("subscribe", sub()).body
+        if cursor.caught_up(reply.get("state", ""), reply.get("last", after + 1)):
+            return  # the job has ended and this client has seen all of it
         quiet_since, failures = time.monotonic(), 0
         while True:
             msg = self._next_event(0.2)

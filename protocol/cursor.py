@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 EXACTLY_ONCE = ("progress", "done", "failed")  # stored, numbered, delivered once and in order
 TERMINAL = ("done", "failed")  # every job ends with exactly one of these
+ENDED = ("done", "failed", "cancelled")  # the job states a terminal event leaves a job in
 SNAPSHOTS = ("image", "texture", "mesh")  # the latest of each kind; a slow client may miss some
 
 
@@ -23,7 +24,7 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"  # seen already (a replay): drop it
     GAP = "gap"  # something before it was lost: drop it and resubscribe from ``last``
     SNAPSHOT = "snapshot"  # a coalescing snapshot: hand it on (the newest wins)
-    AFTER_END = "after_end"  # the job already ended: drop it
+    AFTER_END = "after_end"  # an exactly-once event after the job's terminal one: drop it
 
 
 @dataclass
@@ -35,10 +36,10 @@ class EventCursor:
 
     def accept(self, kind: str, seq: int) -> Verdict:
         """Judge one event and advance past it when it is the next one."""
+        if kind not in EXACTLY_ONCE:
+            return Verdict.SNAPSHOT  # the latest state, also of an ended job (a resubscribe sends it again)
         if self.finished:
             return Verdict.AFTER_END
-        if kind not in EXACTLY_ONCE:
-            return Verdict.SNAPSHOT
         if seq <= self.last:
             return Verdict.DUPLICATE
         if seq > self.last + 1:
@@ -46,3 +47,10 @@ class EventCursor:
         self.last = seq
         self.finished = kind in TERMINAL
         return Verdict.DELIVER
+
+    def caught_up(self, state: str, last: int) -> bool:
+        """From a subscribe reply (the job's ``state`` and its ``last`` stored seq): a job that has ended
+        and whose every event this client has seen is finished here too (nothing more will come)."""
+        if state in ENDED and self.last >= last:
+            self.finished = True
+        return self.finished

@@ -144,8 +144,9 @@ class Session:
         self.jobs.pop(job, None)
 
     def _subscribe(self, followed: Followed) -> None:
-        def ok(_msg: Message) -> None:
+        def ok(msg: Message) -> None:
             followed.subscribed = True
+            followed.caught_up(msg.body.get("state", ""), msg.body.get("last", followed.last + 1))
 
         def failed(exc: Exception) -> None:
             if isinstance(exc, ServerError) and exc.code == "unknown_job":  # the server has no such job

@@ -228,7 +228,11 @@ def test_the_event_cursor_delivers_once_in_order_and_nothing_after_the_end():
 
     cursor = EventCursor(last=1)
     verdicts = [cursor.accept(kind, seq) for kind, seq in
-                [("progress", 1), ("mesh", 1), ("progress", 3), ("progress", 2), ("texture", 2), ("done", 3), ("progress", 4)]]
+                [("progress", 1), ("mesh", 1), ("progress", 3), ("progress", 2), ("texture", 2), ("done", 3), ("progress", 4),
+                 ("texture", 3)]]
     assert verdicts == [Verdict.DUPLICATE, Verdict.SNAPSHOT, Verdict.GAP, Verdict.DELIVER, Verdict.SNAPSHOT,
-                        Verdict.DELIVER, Verdict.AFTER_END]
+                        Verdict.DELIVER, Verdict.AFTER_END, Verdict.SNAPSHOT]
     assert (cursor.last, cursor.finished) == (3, True)
+    late = EventCursor(last=3)  # a client that saw all of an ended job, told so by a subscribe reply
+    assert late.caught_up("done", 3) and not EventCursor(last=2).caught_up("done", 3)
+    assert not EventCursor(last=3).caught_up("running", 3)

@@ -476,3 +476,26 @@ def test_a_submit_that_timed_out_at_a_busy_server_is_found_again_by_its_key(tmp_
         assert len(srv.store.list()) == 3
         send(sock, "submit", "c", {"pipeline": "image2d", "spec": {"prompt": "a cat"}, "key": 7})
         assert replies(sock, 1, "a bad key")["c"].body["field"] == "key"
+
+
+def test_following_an_ended_job_that_was_seen_whole_ends_at_once_with_its_latest_snapshot(server):
+    """The subscribe reply's ``last``: a client that saw every event of an ended job is told so (it
+    no longer waits, or resubscribes, forever) and still gets the latest snapshot."""
+    from protocol.session import Session
+
+    with Client(server.endpoint) as client:
+        (job,) = client.submit("image2d", {"prompt": "a cup", "steps": 1})
+        last = [seq for seq, e in client.watch(job) if not isinstance(e, ImageSnapshot)][-1]
+        t0 = time.monotonic()
+        assert list(client.watch(job, after=last)) == [] and time.monotonic() - t0 < 5
+    sess = Session(server.endpoint, heartbeat=0.2)
+    try:
+        got: list = []
+        sess.follow(job, after=last)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            got.extend(sess.poll(0.05))
+        assert sess.jobs[job].finished and not sess.busy
+        assert [type(e.event) for e in got] == [ImageSnapshot]
+    finally:
+        sess.close()

@@ -350,7 +350,7 @@ class Server:
         ended = last is not None and last["kind"] in TERMINAL
         if not ended:  # a job that has ended sends nothing more: no subscription to keep
             self.subscribers.setdefault(row.id, set()).add(peer)
-        self._send(peer, ok(msg, {"job": row.id, "state": row.state}))
+        self._send(peer, ok(msg, {"job": row.id, "state": row.state, "last": self.store.last_seq(row.id)}))
         for snap in self.latest.of(row):  # the latest snapshots first: "done" ends a client's watch
             self._send_event(peer, snap)
         for body in self.store.events_after(row.id, after):  # then replay what the client missed
