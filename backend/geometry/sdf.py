@@ -44,21 +44,6 @@ def mesh_sdf(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor, 
     return torch.where(inside, -dist, dist)
 
 
-def normal_consistency(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Mean (1 - cos) between the normals of faces that share an edge (a smoothness regulariser)."""
-    f = faces.long()
-    fn = F.normalize(torch.linalg.cross(vertices[f[:, 1]] - vertices[f[:, 0]], vertices[f[:, 2]] - vertices[f[:, 0]]), dim=-1, eps=1e-12)
-    edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]).sort(dim=1).values
-    face_of = torch.arange(f.shape[0], device=f.device).repeat(3)
-    _, inverse, counts = torch.unique(edges, dim=0, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    shared = counts[inverse[order]] == 2
-    pairs = face_of[order][shared].view(-1, 2)
-    if pairs.numel() == 0:
-        return vertices.sum() * 0
-    return (1 - (fn[pairs[:, 0]] * fn[pairs[:, 1]]).sum(-1)).mean()
-
-
 def sdf_sign_entropy(sdf: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """nvdiffrec's SDF regulariser: on grid edges whose endpoints differ in sign, the binary
     cross-entropy of each endpoint's sigmoid(sdf) against the other's sign. Discourages
