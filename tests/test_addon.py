@@ -729,3 +729,96 @@ def test_a_file_saved_mid_job_keeps_the_streamed_texture(addon, tmp_path):
     s.active_job = len(s.jobs) - 1
     assert bpy.ops.psd3d.cancel() == {"FINISHED"}
     pump_until(pump, lambda: jobs_settled(s))
+
+
+class _Layout:
+    """A stand-in for a panel's UILayout that records what a draw function puts in it."""
+
+    def __init__(self, records=None):
+        self.records = [] if records is None else records
+
+    def _nested(self, *args, **kwargs):
+        return _Layout(self.records)
+
+    row = column = box = split = _nested
+
+    def label(self, text="", icon="NONE", **kwargs):
+        self.records.append(("label", text, icon))
+
+    def prop(self, data, name, text=None, **kwargs):
+        self.records.append(("prop", name, data.bl_rna.properties[name].name if text is None else text))
+
+    def operator(self, idname, text=None, icon="NONE", **kwargs):
+        self.records.append(("operator", idname, text, icon))
+        return type("Props", (), {})()
+
+    def progress(self, factor=0.0, type="BAR", text=""):
+        self.records.append(("progress", round(factor, 4), text))
+
+    def template_list(self, *args, **kwargs):
+        self.records.append(("list",))
+
+    def template_icon(self, *args, **kwargs):
+        self.records.append(("icon",))
+
+
+def _draw(panel_class) -> list:
+    layout = _Layout()
+    panel_class.draw(type("Panel", (), {"layout": layout})(), bpy.context)
+    return layout.records
+
+
+def test_the_panel_says_what_an_artist_needs_and_nothing_piles_up(addon, monkeypatch):
+    from protocol.events import Done, Failed, Progress
+
+    from blender_addon.blender import connection, jobs, notices, panel
+    from blender_addon.blender import pump as bpump
+
+    pump = addon
+    s = settings("a lamp")
+    # a successful Check Connection keeps its row, with the answer
+    bpy.ops.psd3d.check_connection()
+    pump_until(pump, lambda: connection.link.state == "ok", timeout=30)
+    assert ("label", connection.link.text, "CHECKMARK") in _draw(panel.PSD_PT_main)
+    # a prompt and a learned embedding do not share a word; the embedding is named by its job's prompt
+    job = "b" * 32
+    item = s.jobs.add()
+    item.job_id, item.pipeline, item.prompt, item.state = job, "generate", "a copper lamp", "queued"
+    s.negative_from, s.use_negative_from = job, True
+    main = _draw(panel.PSD_PT_main)
+    names = [r[2] for r in main if r[0] == "prop" and r[1] in ("negative_prompt", "use_negative_from")]
+    assert names == ["Negative Prompt", "Learned Embedding"]
+    assert ("label", "of 'a copper lamp'", "NONE") in main and not any(job in str(r) for r in main)
+    # one bar over the whole job, filled once; no "0/0" while queued
+    s.active_job = len(s.jobs) - 1
+    assert ("progress", 0.0, "queued") in _draw(panel.PSD_PT_jobs)
+    monkeypatch.setattr(bpump.results, "fetch", lambda job: None)  # no backend job behind this one
+    steps = []
+    for stage, step in (("geometry", 15), ("geometry", 30), ("texture", 15), ("texture", 30)):
+        pump.apply(JobEvent(job, 1, Progress(step, 30, stage, {"reward_w": 0.25 + step / 1000})))
+        steps.append(jobs.progress(item)[0])
+    assert steps == [0.25, 0.5, 0.75, 1.0]
+    assert ("progress", 1.0, "texture 30/30 (stage 2 of 2)") in _draw(panel.PSD_PT_jobs)
+    # the reward column is labelled and stays the winner's reward; the final target reward is shown apart
+    assert ("label", panel.REWARD_HEADER, "NONE") in _draw(panel.PSD_PT_jobs)
+    pump.apply(JobEvent(job, 2, Done({}, {"target_reward": 0.9})))
+    assert item.reward == pytest.approx(0.28) and item.final_reward == pytest.approx(0.9)
+    assert any(r[0] == "label" and "0.9000" in r[1] for r in _draw(panel.PSD_PT_jobs))
+    # the artist's own Cancel is no error; a failure's message names no server path
+    item.state = "running"
+    pump.apply(JobEvent(job, 3, Failed("cancelled", "cancelled by its owner")))
+    jobs_panel = _draw(panel.PSD_PT_jobs)
+    assert ("label", "cancelled", "INFO") in jobs_panel and not any(r[-1] == "ERROR" for r in jobs_panel)
+    item.state = "running"
+    pump.apply(JobEvent(job, 4, Failed("numerical", "NaN in /srv/psd3d/jobs/b/checkpoints/last.pt")))
+    assert item.message == "[numerical] NaN in …/last.pt" and ("label", item.message, "ERROR") in _draw(panel.PSD_PT_jobs)
+    # notices can be dismissed, one or all
+    notices.post("first problem")
+    notices.post("second problem")
+    shown = [r for r in _draw(panel.PSD_PT_jobs) if r[0] == "label" and r[1].endswith("problem")]
+    assert len(shown) == 2 and ("operator", "psd3d.dismiss_notice", "Dismiss All", "X") in _draw(panel.PSD_PT_jobs)
+    assert bpy.ops.psd3d.dismiss_notice(index=0) == {"FINISHED"}
+    assert notices.messages() == ["second problem"]
+    assert bpy.ops.psd3d.dismiss_notice() == {"FINISHED"} and notices.messages() == []
+    s.jobs.remove(len(s.jobs) - 1)
+    s.negative_from, s.use_negative_from = "", False

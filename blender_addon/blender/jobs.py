@@ -24,3 +24,27 @@ def find_job(job: str):
 def open_jobs() -> list:
     """The job items still waiting for the backend (submitting, queued, running)."""
     return [item for _, item in job_items() if item.active]
+
+
+# a pipeline's stages in order (backend/pipelines: mesh3d's generate and refine); each has its share of the bar
+PIPELINE_STAGES = {"generate": ("geometry", "texture"), "refine": ("texture",)}
+
+
+def progress(item) -> tuple[float, str]:
+    """The whole job's progress as (fraction, text): one bar over all its stages, which fills once."""
+    if not item.total or item.state in ("submitting", "queued"):
+        return 0.0, item.state
+    stages = PIPELINE_STAGES.get(item.pipeline, ())
+    stage_frac = min(item.step / item.total, 1.0)
+    text = f"{item.stage} {item.step}/{item.total}"
+    if item.stage in stages:
+        index = stages.index(item.stage)
+        frac = (index + stage_frac) / len(stages)
+        if len(stages) > 1:
+            text += f" (stage {index + 1} of {len(stages)})"
+    else:
+        frac = stage_frac
+    if item.state == "done":
+        frac = 1.0
+        text = f"done, stopped at {text}" if item.step < item.total else "done"
+    return frac, text

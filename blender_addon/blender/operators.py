@@ -324,8 +324,9 @@ class _OnFinishedJob(_OnSelectedJob):
 
 class PSD_OT_use_negative(_OnFinishedJob, bpy.types.Operator):
     bl_idname = "psd3d.use_negative"
-    bl_label = "Reuse Its Negative Embedding"
-    bl_description = "Start the next jobs from the negative embedding the selected finished job learned"
+    bl_label = "Reuse Its Learned Embedding"
+    bl_description = ("Start the next jobs from the embedding the selected finished job learned (PSD's learned "
+                      "negative embedding)")
 
     def execute(self, context):
         s = context.scene.psd3d
@@ -419,6 +420,19 @@ class PSD_OT_start_server(_Op, bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (PSD_OT_generate, PSD_OT_refine, PSD_OT_batch, PSD_OT_cancel, PSD_OT_finish, PSD_OT_revert,
+class PSD_OT_dismiss_notice(bpy.types.Operator):
+    bl_idname = "psd3d.dismiss_notice"
+    bl_label = "Dismiss"
+    bl_description = "Remove this message from the panel (-1: all of them)"
+    bl_options = {"INTERNAL"}
+
+    index: bpy.props.IntProperty(default=-1)
+
+    def execute(self, context):
+        notices.dismiss(None if self.index < 0 else self.index)
+        return {"FINISHED"}
+
+
+CLASSES = (PSD_OT_generate, PSD_OT_dismiss_notice, PSD_OT_refine, PSD_OT_batch, PSD_OT_cancel, PSD_OT_finish, PSD_OT_revert,
            PSD_OT_use_negative, PSD_OT_remove_job, PSD_OT_fetch_results, PSD_OT_open_results, PSD_OT_check_connection,
            PSD_OT_start_server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import connection, notices, pump, results
+from . import connection, jobs, notices, pump, results
 from .props import STATE_ICONS
 
 
@@ -18,7 +18,11 @@ class PSD_UL_jobs(bpy.types.UIList):
             row.label(text=f"{item.stage[:3]} {item.step}/{item.total}")
         else:
             row.label(text=item.state)
-        row.label(text=f"{item.reward:.3f}" if item.reward else "")
+        row.label(text=f"{item.reward:.3f}" if item.reward else "")  # the column headed REWARD_HEADER
+
+
+REWARD_HEADER = "Winner Reward"  # the list's last column: the latest reward of the pair's winner
+MESSAGE_ICONS = {"failed": "ERROR", "lost": "ERROR", "cancelled": "INFO"}  # the artist's own Cancel is no error
 
 
 class _Panel:
@@ -44,17 +48,25 @@ class PSD_PT_main(_Panel, bpy.types.Panel):
         row.prop(s, "seed")
         row.prop(s, "steps")
         col.prop(s, "size")
-        row = layout.row()
-        row.prop(s, "use_negative_from", text="Reuse Negative")
-        sub = row.row()
-        sub.enabled = s.use_negative_from
-        sub.prop(s, "negative_from", text="")
+        if s.negative_from:
+            row = layout.row()
+            row.prop(s, "use_negative_from")
+            sub = row.row()
+            sub.enabled = s.use_negative_from
+            sub.label(text=learned_from(s))
         row = layout.row(align=True)
         row.scale_y = 1.4
         row.operator("psd3d.generate", icon="MESH_MONKEY")
         row.operator("psd3d.refine", icon="TEXTURE")
-        if connection.link.state != "ok":
-            draw_link(layout)
+        draw_link(layout)
+
+
+def learned_from(s) -> str:
+    """The job whose learned embedding the next jobs start from, by its prompt (its id when not in the list)."""
+    for item in s.jobs:
+        if item.job_id == s.negative_from:
+            return f"of {item.prompt!r}"
+    return f"of job {s.negative_from[:8]}"
 
 
 LINK_ICONS = {"unknown": "LINKED", "checking": "TIME", "ok": "CHECKMARK", "failed": "ERROR"}
@@ -114,25 +126,40 @@ class PSD_PT_jobs(_Panel, bpy.types.Panel):
     def draw(self, context):
         s = context.scene.psd3d
         layout = self.layout
+        header = layout.row(align=True)
+        for text in ("Job", "Progress", REWARD_HEADER):
+            header.label(text=text)
         layout.template_list("PSD_UL_jobs", "", s, "jobs", s, "active_job", rows=3)
         if 0 <= s.active_job < len(s.jobs):
             item = s.jobs[s.active_job]
-            if item.active:
-                frac = item.step / item.total if item.total else 0.0
-                layout.progress(factor=frac, type="BAR", text=f"{item.stage or item.state} {item.step}/{item.total}")
+            if item.active or item.state == "done":
+                frac, text = jobs.progress(item)
+                layout.progress(factor=frac, type="BAR", text=text)
             if item.message:
-                layout.label(text=item.message, icon="ERROR")
+                layout.label(text=item.message, icon=MESSAGE_ICONS.get(item.state, "INFO"))
             if item.state == "done":
+                if item.final_reward:
+                    layout.label(text=f"Final reward (target): {item.final_reward:.4f}")
                 draw_results(layout, item)
         row = layout.row(align=True)
         row.operator("psd3d.cancel", icon="CANCEL")
         row.operator("psd3d.finish", icon="PAUSE")
         row = layout.row(align=True)
         row.operator("psd3d.revert", icon="LOOP_BACK")
-        row.operator("psd3d.use_negative", text="Reuse Negative", icon="COPYDOWN")
+        row.operator("psd3d.use_negative", text="Reuse Embedding", icon="COPYDOWN")
         row.operator("psd3d.remove_job", text="", icon="X")
-        for text in notices.messages():
-            layout.label(text=text, icon="ERROR")
+        draw_notices(layout)
+
+
+def draw_notices(layout) -> None:
+    """The notices, each with its dismiss button, and one to dismiss them all."""
+    shown = notices.notices()
+    for i, notice in enumerate(shown):
+        row = layout.row(align=True)
+        row.label(text=notice.text, icon=notice.level)
+        row.operator("psd3d.dismiss_notice", text="", icon="X", emboss=False).index = i
+    if len(shown) > 1:
+        layout.operator("psd3d.dismiss_notice", text="Dismiss All", icon="X").index = -1
 
 
 def draw_results(layout, item) -> None:

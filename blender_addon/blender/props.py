@@ -35,7 +35,8 @@ class PSD_JobItem(bpy.types.PropertyGroup):
     stage: StringProperty(name="Stage")
     step: IntProperty(name="Step")
     total: IntProperty(name="Total")
-    reward: FloatProperty(name="Reward", description="The latest reward of the winner (the target reward when done)")
+    reward: FloatProperty(name="Reward", description="The latest reward of the winner of the preference pair")
+    final_reward: FloatProperty(name="Final Reward", description="The target reward of the finished result (0: not known)")
     last_seq: IntProperty(name="Last event", description="The last progress/done event applied (resume point)")
     batch: StringProperty(name="Batch")
     library: StringProperty(name="Library", description="The .blend this batch job's asset is saved into", subtype="FILE_PATH")
@@ -56,8 +57,8 @@ class PSD_JobItem(bpy.types.PropertyGroup):
 class PSD_Settings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What to make: a short description of the prop",
                            default="a wooden treasure chest with iron bands")
-    negative_prompt: StringProperty(name="Negative", description="Negative descriptors that initialise the learned "
-                                    "negative embedding (empty: the backend's defaults)")
+    negative_prompt: StringProperty(name="Negative Prompt", description="Words to steer away from: they initialise the "
+                                    "embedding PSD learns (empty: the backend's defaults)")
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="psd")
     reward: EnumProperty(name="Reward", items=REWARD_ITEMS, default="hpsv2.1")
     preset: EnumProperty(name="Preset", items=_preset_items,
@@ -66,9 +67,10 @@ class PSD_Settings(bpy.types.PropertyGroup):
     steps: IntProperty(name="Steps", min=0, default=0, description="Optimisation steps per stage (0: the preset's)")
     size: FloatProperty(name="Size", min=0.001, default=1.0, unit="LENGTH",
                         description="Largest extent of a new prop, placed at the 3D cursor")
-    use_negative_from: BoolProperty(name="Reuse Negative Embedding", default=False,
-                                    description="Start from the negative embedding a finished job learned")
-    negative_from: StringProperty(name="From Job", description="Id of a finished job whose negative embedding to reuse")
+    use_negative_from: BoolProperty(name="Learned Embedding", default=False,
+                                    description="Start from the embedding a finished job learned (Jobs: Reuse Its "
+                                                "Learned Embedding)")
+    negative_from: StringProperty(name="From Job", description="Id of the finished job whose learned embedding to start from")
     camera_mode: EnumProperty(name="Cameras", items=CAMERA_ITEMS, default="ORBIT")
     elevation: FloatVectorProperty(name="Elevation", size=2, default=(-10.0, 45.0), min=-90, max=90,
                                    description="Range of camera elevations, degrees")

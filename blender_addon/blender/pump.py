@@ -12,8 +12,8 @@ import numpy as np
 from protocol.events import Done, Failed, MeshSnapshot, Progress, TextureSnapshot
 from protocol.session import JobEvent
 
-from ..core import frames
-from . import assets, connection, notices, results, scene
+from ..core import frames, text
+from . import assets, connection, jobs, notices, results, scene
 from .jobs import find_job, job_items
 
 ACTIVE_INTERVAL = 0.05  # seconds between ticks while jobs run
@@ -101,16 +101,16 @@ def apply(job_event: JobEvent) -> bool:
     elif isinstance(event, Done):
         item.state, item.last_seq = "done", job_event.seq  # step stays where it stopped (Stop & Keep)
         if event.final.get("target_reward") is not None:
-            item.reward = float(event.final["target_reward"])
+            item.final_reward = float(event.final["target_reward"])
         scene.pack_job_images()  # a generated image is kept in the .blend only when packed
         if item.batch:
             assets.finish_batch_job(sc, item, event.final)
         results.fetch(item.job_id)
     elif isinstance(event, Failed):
         item.state = "cancelled" if event.code == "cancelled" else ("lost" if event.code == "unknown_job" else "failed")
-        item.message = f"[{event.code}] {event.message}"
+        item.message = "cancelled" if item.state == "cancelled" else f"[{event.code}] {text.without_paths(event.message)}"
         item.last_seq = max(item.last_seq, job_event.seq)
-        print(f"psd3d: job {item.job_id[:8]} ({item.prompt!r}) {item.state}: {item.message}")
+        print(f"psd3d: job {item.job_id[:8]} ({item.prompt!r}) {item.state}: {event.message}")
     return True
 
 
@@ -124,14 +124,12 @@ def ensure_object(sc: bpy.types.Scene, item) -> bpy.types.Object:
 
 
 def running_summary() -> tuple[str, float] | None:
-    """(text, fraction) of the open jobs, for the status bar."""
+    """(text, fraction) of the open jobs, for the status bar: each job's whole progress, averaged."""
     open_jobs = [item for _, item in job_items() if item.active]
     if not open_jobs:
         return None
-    steps = sum(item.step for item in open_jobs)
-    total = sum(max(item.total, 1) for item in open_jobs)
     first = open_jobs[0]
-    text = f"PSD {first.stage or first.state}: {first.prompt[:32]}"
+    text = f"PSD {jobs.progress(first)[1]}: {first.prompt[:32]}"
     if len(open_jobs) > 1:
         text += f" (+{len(open_jobs) - 1} more)"
-    return text, float(np.clip(steps / total, 0, 1))
+    return text, float(np.clip(np.mean([jobs.progress(item)[0] for item in open_jobs]), 0, 1))
