@@ -822,3 +822,52 @@ def test_the_panel_says_what_an_artist_needs_and_nothing_piles_up(addon, monkeyp
     assert bpy.ops.psd3d.dismiss_notice() == {"FINISHED"} and notices.messages() == []
     s.jobs.remove(len(s.jobs) - 1)
     s.negative_from, s.use_negative_from = "", False
+
+
+def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_size(addon, monkeypatch):
+    pump = addon
+    from blender_addon.blender import operators
+    from blender_addon.blender import scene as bscene
+
+    s = bpy.context.scene.psd3d
+    job = "a" * 32
+    item = s.jobs.add()
+    item.job_id, item.pipeline, item.prompt, item.state, item.size = job, "generate", "growing", "running", 2.0
+    tetra = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
+    try:
+        pump.apply(JobEvent(job, 1, MeshSnapshot(1, tetra * 0.25, faces, None, 1)))  # the first shape is small
+        pump.apply(JobEvent(job, 1, MeshSnapshot(2, tetra * 0.8, faces, None, 1)))  # then it grows
+        bpy.context.view_layer.update()
+        assert max(bscene.job_object(job).dimensions) == pytest.approx(2.0)  # Size, not 2.0 * 0.8 / 0.25
+    finally:
+        bpy.data.objects.remove(bscene.job_object(job))
+        s.jobs.remove(len(s.jobs) - 1)
+
+    # a camera 10 m in front of the cursor sees a 2 m prop as a camera 5 units away sees the backend's object
+    sent = []
+    monkeypatch.setattr(operators, "submit", lambda session, kind, body, arrays, on_jobs: sent.append(body))
+    cam = bpy.data.objects.new("Front Cam", bpy.data.cameras.new("Front Cam"))
+    bpy.context.scene.collection.objects.link(cam)
+    from mathutils import Euler, Matrix
+
+    cam.matrix_world = Matrix.Translation((3, -10, 1)) @ Euler((np.pi / 2, 0, 0)).to_matrix().to_4x4()
+    bpy.context.scene.cursor.location = (3, 0, 1)
+    text = bpy.data.texts.new("two props")
+    text.write("a cup\na plate\n")
+    s = settings("a cup")
+    s.size, s.camera_mode, s.batch_source, s.batch_text, s.library_dir = 2.0, "SCENE", "TEXT", text, "/tmp/psd3d-lib"
+    try:
+        assert bpy.ops.psd3d.generate() == {"FINISHED"}
+        assert bpy.ops.psd3d.batch() == {"FINISHED"}
+        for body in sent:
+            names = [o.name for o in bpy.context.scene.objects if o.type == "CAMERA"]
+            c2w = np.array(body["spec"]["cameras"]["matrices"][names.index("Front Cam")]).reshape(4, 4)
+            np.testing.assert_allclose(c2w[:3, 3], [0, 0, 5], atol=1e-6)  # from the cursor, in units of Size
+            np.testing.assert_allclose(c2w[:3, :3] @ c2w[:3, :3].T, np.eye(3), atol=1e-6)
+        assert len(sent) == 2
+    finally:
+        s.size, s.camera_mode = 1.0, "ORBIT"
+        bpy.context.scene.cursor.location = (0, 0, 0)
+        bpy.data.objects.remove(cam)
+        bpy.data.texts.remove(text)

@@ -91,9 +91,7 @@ class PSD_OT_generate(_Op, bpy.types.Operator):
             if not fields["prompt"]:
                 raise scene.SceneError("prompt: is empty; describe the prop to make")
             cursor = tuple(context.scene.cursor.location)
-            w2l = np.eye(4)  # the prop's frame: a translation to the cursor
-            w2l[:3, 3] = [-c for c in cursor]
-            fields["cameras"] = camera_rig(context, s, w2l)
+            fields["cameras"] = camera_rig(context, s, frames.world_to_prop(cursor, s.size))
             session = connection.session()
         except (scene.SceneError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
@@ -209,7 +207,8 @@ class PSD_OT_batch(_Op, bpy.types.Operator):
             library.clean_catalog_path(s.catalog)
             fields = spec_fields(s)
             fields.pop("prompt")
-            fields["cameras"] = camera_rig(context, s, np.eye(4))
+            # scene cameras as they see a prop of Size at the 3D cursor (every prop of the batch gets those views)
+            fields["cameras"] = camera_rig(context, s, frames.world_to_prop(context.scene.cursor.location, s.size))
             session = connection.session()
         except (scene.SceneError, library.LibraryError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)

@@ -86,8 +86,8 @@ def apply(job_event: JobEvent) -> bool:
         if item.pipeline == "refine":  # the artist's mesh is never rewritten
             return False
         obj = ensure_object(sc, item)
-        if item.mesh_scale == 0.0:  # the first mesh fixes the size; later ones keep it
-            item.mesh_scale = frames.fit_size(frames.points_to_blender(event.positions), item.size)
+        # every mesh is fitted to Size: the prop ends as large as asked, however the shape grows on the way
+        item.mesh_scale = frames.fit_size(frames.points_to_blender(event.positions), item.size)
         scene.apply_mesh(obj.data, event.positions, event.faces, event.uvs, event.topology_id, item.mesh_scale)
     elif isinstance(event, TextureSnapshot):
         image = scene.job_image(item.job_id)

@@ -39,6 +39,16 @@ def camera_to_gltf(blender_c2w: np.ndarray, world_to_local: np.ndarray) -> np.nd
     return m
 
 
+def world_to_prop(location, size: float) -> np.ndarray:
+    """World -> a new prop's frame (the backend's, where the object spans 1): moved to ``location``
+    (Blender, metres) and scaled by 1/``size``, so cameras set up around a prop of ``size`` metres
+    see the object the backend makes as they see the prop."""
+    m = np.eye(4) / float(size)
+    m[:3, 3] = -np.asarray(location, np.float64) / float(size)
+    m[3, 3] = 1.0
+    return m
+
+
 def view_frame(a: np.ndarray) -> np.ndarray:
     """The rotation with ``a``'s view axis (its Z column: the camera looks down -Z) and, made orthogonal
     to it, its up axis (Y); X completes a right-handed frame, so a mirror in the matrix is dropped."""
