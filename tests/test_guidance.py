@@ -134,3 +134,19 @@ def test_delta_pref_direction_in_a_gaussian_prior(form, sign):
     step = -d  # the direction theta moves in
     toward_winner = float((step * (eps_w - eps_l)).sum())
     assert np.sign(toward_winner) == -sign
+
+
+def test_preference_term_has_the_cfg_terms_size_whatever_the_scale_of_d_pref():
+    """Section 3.2: beta_r 'balances the gradient produced by CFG and our preference score
+    guidance': |beta_r d_pref| = gamma |d_cls| sigmoid(r_l - r_w) per sample, for any size of d_pref
+    (so scaling d_pref changes the reported beta_r, never the step)."""
+    d_cls, d_pref = rand(3, 4, 2, 2, seed=50), rand(3, 4, 2, 2, seed=51)
+    zero = torch.zeros_like(d_cls)
+    r_w = torch.tensor([0.3, 0.2, 0.9], dtype=torch.float64)
+    r_l = torch.tensor([0.1, 0.2, -0.5], dtype=torch.float64)
+    expected = 7.5 * d_cls.flatten(1).norm(dim=1) * torch.sigmoid(r_l - r_w)
+    for k in (0.1, 1.0, 10.0):
+        beta = G.beta_r(d_cls, k * d_pref, r_w, r_l, gamma=7.5)
+        term = G.psd_direction(zero, zero, k * d_pref, 7.5, beta)
+        torch.testing.assert_close(term.flatten(1).norm(dim=1), expected)
+        torch.testing.assert_close(term, G.per_sample(expected / d_pref.flatten(1).norm(dim=1)) * d_pref)
