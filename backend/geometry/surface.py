@@ -20,7 +20,9 @@ def mesh_edges(faces: torch.Tensor) -> torch.Tensor:
     """The unique undirected edges (E,2) of a triangle mesh, each sorted."""
     f = faces.long()
     edges = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]).sort(dim=1).values
-    return torch.unique(edges, dim=0)
+    n = int(f.max()) + 1 if f.numel() else 1
+    key = torch.unique(edges[:, 0] * n + edges[:, 1])  # one number per edge: a 1-D unique, sorted as (a, b)
+    return torch.stack([key // n, key % n], dim=1)
 
 
 def normal_consistency(positions: torch.Tensor, faces: torch.Tensor, edges: torch.Tensor | None = None) -> torch.Tensor:
