@@ -346,15 +346,21 @@ def replies(sock, n: int, what: str) -> dict:
     return out
 
 
-class GatedServer(Server):
-    """A server whose tokenizer loads only when the test opens the gate."""
-
+def gated_server() -> type[Server]:
+    """A Server class whose tokenizer loads only when the test opens its own ``gate``."""
     gate = threading.Event()
 
-    @staticmethod
-    def load_tokenizer(preset):
-        GatedServer.gate.wait(60)
-        return Server.load_tokenizer(preset)
+    class Gated(Server):
+        @staticmethod
+        def load_tokenizer(preset):
+            gate.wait(60)
+            return Server.load_tokenizer(preset)
+
+    Gated.gate = gate
+    return Gated
+
+
+GatedServer = gated_server()
 
 
 def test_a_submit_waiting_for_its_tokenizer_does_not_stall_the_loop(tmp_path, tiny):
@@ -443,15 +449,7 @@ def test_a_submit_that_timed_out_before_a_server_came_up_never_runs(tmp_path, ti
             thread.join(15)
 
 
-class SlowServer(Server):
-    """A server whose tokenizer loads only when the test opens the gate (its own gate)."""
-
-    gate = threading.Event()
-
-    @staticmethod
-    def load_tokenizer(preset):
-        SlowServer.gate.wait(60)
-        return Server.load_tokenizer(preset)
+SlowServer = gated_server()
 
 
 def test_a_submit_that_timed_out_at_a_busy_server_is_found_again_by_its_key(tmp_path, tiny):
