@@ -1,4 +1,4 @@
-"""Per-vertex quantities of a triangle mesh and the geometry stage's smoothness regularisers,
+"""The geometry stage's smoothness regularisers on a triangle mesh (and its unique edges),
 in the forms threestudio's ``Mesh`` computes them (the weights in configs/cfd/ refer to these)."""
 
 from __future__ import annotations
@@ -6,14 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def vertex_normals(positions: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted vertex normals (V,3), differentiable."""
-    f = faces.long()
-    a, b, c = positions[f[:, 0]], positions[f[:, 1]], positions[f[:, 2]]
-    fn = torch.linalg.cross(b - a, c - a)
-    n = torch.zeros_like(positions).index_add(0, f[:, 0], fn).index_add(0, f[:, 1], fn).index_add(0, f[:, 2], fn)
-    return F.normalize(n, dim=-1, eps=1e-12)
+from backend.render.shading import vertex_normals
 
 
 def mesh_edges(faces: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backend.geometry.surface import vertex_normals
 from backend.render.camera import Camera, to_clip
 from backend.render.ops import RasterContext, antialias, interpolate, rasterize, texture
 
@@ -21,6 +20,15 @@ class Fragments:
     rast: torch.Tensor  # (B,H,W,4) bottom-up
     mask: torch.Tensor  # (B,H,W,1) float, 1 where a triangle covers the pixel
     pos: torch.Tensor  # (B,V,4) clip positions
+
+
+def vertex_normals(positions: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted vertex normals (V,3), differentiable."""
+    f = faces.long()
+    a, b, c = positions[f[:, 0]], positions[f[:, 1]], positions[f[:, 2]]
+    fn = torch.linalg.cross(b - a, c - a)
+    n = torch.zeros_like(positions).index_add(0, f[:, 0], fn).index_add(0, f[:, 1], fn).index_add(0, f[:, 2], fn)
+    return F.normalize(n, dim=-1, eps=1e-12)
 
 
 def rasterize_views(ctx: RasterContext, positions: torch.Tensor, faces: torch.Tensor, cameras: list[Camera]) -> Fragments:
