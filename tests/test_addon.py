@@ -776,6 +776,8 @@ def test_the_panel_says_what_an_artist_needs_and_nothing_piles_up(addon, monkeyp
 
     pump = addon
     s = settings("a lamp")
+    print("notices left by earlier tests:", notices.messages())
+    notices.dismiss()
     # a successful Check Connection keeps its row, with the answer
     bpy.ops.psd3d.check_connection()
     pump_until(pump, lambda: connection.link.state == "ok", timeout=30)
@@ -808,7 +810,7 @@ def test_the_panel_says_what_an_artist_needs_and_nothing_piles_up(addon, monkeyp
     item.state = "running"
     pump.apply(JobEvent(job, 3, Failed("cancelled", "cancelled by its owner")))
     jobs_panel = _draw(panel.PSD_PT_jobs)
-    assert ("label", "cancelled", "INFO") in jobs_panel and not any(r[-1] == "ERROR" for r in jobs_panel)
+    assert ("label", "cancelled", "INFO") in jobs_panel and not any(r[-1] == "ERROR" for r in jobs_panel), jobs_panel
     item.state = "running"
     pump.apply(JobEvent(job, 4, Failed("numerical", "NaN in /srv/psd3d/jobs/b/checkpoints/last.pt")))
     assert item.message == "[numerical] NaN in …/last.pt" and ("label", item.message, "ERROR") in _draw(panel.PSD_PT_jobs)
@@ -871,3 +873,30 @@ def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_si
         bpy.context.scene.cursor.location = (0, 0, 0)
         bpy.data.objects.remove(cam)
         bpy.data.texts.remove(text)
+
+
+def test_a_job_is_listed_as_submitting_at_once_and_a_refused_one_says_why(addon):
+    pump = addon
+    from blender_addon.blender import notices
+
+    s = settings("a tin robot")
+    n_jobs = len(s.jobs)
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+    item = s.jobs[-1]
+    assert len(s.jobs) == n_jobs + 1 and item.state == "submitting" and item.job_id == ""
+    pump_until(pump, lambda: s.jobs[-1].job_id != "")
+    item = s.jobs[-1]
+    assert item.state in ("queued", "running") and len(s.jobs) == n_jobs + 1
+    s.active_job = len(s.jobs) - 1
+    assert bpy.ops.psd3d.cancel() == {"FINISHED"}
+    pump_until(pump, lambda: jobs_settled(s))
+    s.steps = 10**7  # over the protocol's limit: refused
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+    t0 = time.monotonic()
+    while s.jobs[-1].state == "submitting":
+        assert time.monotonic() - t0 < 60
+        pump.pump(0.02)
+    assert s.jobs[-1].state == "failed" and "steps" in s.jobs[-1].message
+    assert notices.messages() and "steps" in notices.messages()[-1]
+    notices.dismiss()
+    s.steps = STEPS

@@ -3,6 +3,8 @@ file reloads invalidate held references). The bottom of the bpy layer: imports n
 
 from __future__ import annotations
 
+import uuid
+
 import bpy
 
 
@@ -48,3 +50,24 @@ def progress(item) -> tuple[float, str]:
         frac = 1.0
         text = f"done, stopped at {text}" if item.step < item.total else "done"
     return frac, text
+
+
+# -- submissions: a job is listed ("submitting") as soon as it is asked for; its id comes with the reply --
+_submissions: set[str] = set()  # the submissions of this session still waiting for their reply
+
+
+def new_submission() -> str:
+    token = uuid.uuid4().hex
+    _submissions.add(token)
+    return token
+
+
+def end_submission(token: str) -> list:
+    """The job items of a submission (by their index in it), which no longer waits for its reply."""
+    _submissions.discard(token)
+    return sorted((item for _, item in job_items() if item.submission == token), key=lambda item: item.index)
+
+
+def unanswered() -> list:
+    """Items still "submitting" whose reply cannot come any more (the file was closed and reopened)."""
+    return [item for _, item in job_items() if item.state == "submitting" and item.submission not in _submissions]

@@ -11,8 +11,8 @@ import numpy as np
 
 from protocol.errors import Psd3dError
 
-from ..core import frames, library
-from . import connection, notices, pump, results, scene
+from ..core import frames, library, text
+from . import connection, jobs, notices, pump, results, scene
 from .notices import messages  # noqa: F401  (scripts/blender_demo.py reads operators.messages)
 
 SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
@@ -48,23 +48,31 @@ def camera_rig(context, s, world_to_local: np.ndarray) -> dict:
     return {"matrices": matrices, "fov_y": fovs}
 
 
-def add_job(s, job: str, pipeline: str, prompt: str, location, batch: str = "", library_path: str = "",
-            index: int = 0):
+def add_job(s, pipeline: str, prompt: str, location, submission: str, index: int = 0):
+    """List the job now, as "submitting"; its id arrives with the submit's reply."""
     item = s.jobs.add()
-    item.job_id, item.pipeline, item.prompt, item.method, item.seed = job, pipeline, prompt, s.method, s.seed
-    item.state, item.size, item.location = "queued", s.size, location
-    item.batch, item.library, item.index = batch, library_path, index
+    item.pipeline, item.prompt, item.method, item.seed = pipeline, prompt, s.method, s.seed
+    item.state, item.size, item.location, item.submission = "submitting", s.size, location, submission
+    item.index = index
     s.active_job = len(s.jobs) - 1
     return item
 
 
-def submit(session, kind: str, body: dict, arrays: dict | None, on_jobs) -> None:
+def submit(session, kind: str, body: dict, arrays: dict | None, submission: str, on_jobs=None) -> None:
     """Send a submit on ``session`` (``connection.session()``, which raises ``AddressError`` for a
-    malformed address); ``on_jobs(ids, batch)`` runs when the acknowledgement arrives (in the pump)."""
+    malformed address) for the items listed under ``submission``; when the reply arrives (in the pump)
+    they get their job ids and ``on_jobs(items)`` runs, or they are marked failed with the reason."""
     def ok(msg):
-        on_jobs(msg.body["jobs"], msg.body.get("batch"))
+        ids, batch = msg.body["jobs"], msg.body.get("batch") or ""
+        items = [item for item in jobs.end_submission(submission) if item.index < len(ids)]
+        for item in items:
+            item.job_id, item.batch, item.state = ids[item.index], batch, "queued"
+        if on_jobs is not None:
+            on_jobs(items)
 
     def failed(exc):
+        for item in jobs.end_submission(submission):
+            item.state, item.message = "failed", f"[submit] {text.without_paths(str(exc))}"
         notices.post(f"{kind} refused: {exc}")
 
     session.request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
@@ -95,16 +103,14 @@ class PSD_OT_generate(_Op, bpy.types.Operator):
             session = connection.session()
         except (scene.SceneError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
-        scene_name = context.scene.name
+        submission = jobs.new_submission()
+        add_job(s, "generate", fields["prompt"], cursor, submission)
 
-        def acknowledged(ids, _batch):
-            sc = bpy.data.scenes.get(scene_name)
-            if sc is None:
-                return
-            item = add_job(sc.psd3d, ids[0], "generate", fields["prompt"], cursor)
-            pump.ensure_object(sc, item)
+        def acknowledged(items):
+            for item in items:
+                pump.ensure_object(item.id_data, item)
 
-        submit(session, "generate", {"pipeline": "generate", "spec": fields}, None, acknowledged)
+        submit(session, "generate", {"pipeline": "generate", "spec": fields}, None, submission, acknowledged)
         self.report({"INFO"}, f"psd3d: generating {fields['prompt']!r}")
         return {"FINISHED"}
 
@@ -146,21 +152,19 @@ class PSD_OT_refine(_Op, bpy.types.Operator):
             session = connection.session()
         except (scene.SceneError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
-        scene_name = context.scene.name
         for obj_name, job_fields, arrays, uv_map in requests:
             size = arrays["texture"].shape[1::-1] if "texture" in arrays else (1024, 1024)
+            submission = jobs.new_submission()
+            add_job(s, "refine", job_fields["prompt"], tuple(bpy.data.objects[obj_name].location), submission)
 
-            def acknowledged(ids, _batch, obj_name=obj_name, job_fields=job_fields, arrays=arrays, uv_map=uv_map,
-                             size=size):
-                sc, target = bpy.data.scenes.get(scene_name), bpy.data.objects.get(obj_name)
-                if sc is None or target is None:
-                    return
-                add_job(sc.psd3d, ids[0], "refine", job_fields["prompt"], tuple(target.location))
-                image = scene.attach_refine_image(target, ids[0], *size, uv_map=uv_map)
-                if "texture" in arrays:  # start from the original, as the backend does
-                    scene.apply_texture(image, arrays["texture"])
+            def acknowledged(items, obj_name=obj_name, arrays=arrays, uv_map=uv_map, size=size):
+                target = bpy.data.objects.get(obj_name)
+                for item in items if target is not None else ():
+                    image = scene.attach_refine_image(target, item.job_id, *size, uv_map=uv_map)
+                    if "texture" in arrays:  # start from the original, as the backend does
+                        scene.apply_texture(image, arrays["texture"])
 
-            submit(session, "refine", {"pipeline": "refine", "spec": job_fields}, arrays, acknowledged)
+            submit(session, "refine", {"pipeline": "refine", "spec": job_fields}, arrays, submission, acknowledged)
         names = ", ".join(name for name, *_ in requests)
         self.report({"INFO"}, f"psd3d: refining {names}" + (f" ({len(requests)} jobs)" if len(requests) > 1 else ""))
         return {"FINISHED"}
@@ -212,18 +216,19 @@ class PSD_OT_batch(_Op, bpy.types.Operator):
             session = connection.session()
         except (scene.SceneError, library.LibraryError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
-        scene_name, cursor = context.scene.name, tuple(context.scene.cursor.location)
+        cursor = tuple(context.scene.cursor.location)
         folder = Path(bpy.path.abspath(s.library_dir))
+        submission = jobs.new_submission()
+        for i, prompt in enumerate(prompts):
+            add_job(s, "generate", prompt, cursor, submission, index=i)
 
-        def acknowledged(ids, batch):
-            sc = bpy.data.scenes.get(scene_name)
-            if sc is None:
-                return
-            blend = folder / f"psd3d_{time.strftime('%Y%m%d_%H%M%S')}_{batch[:8]}.blend"
-            for i, (job, prompt) in enumerate(zip(ids, prompts)):
-                add_job(sc.psd3d, job, "generate", prompt, cursor, batch=batch, library_path=str(blend), index=i)
+        def acknowledged(items):
+            stamp = time.strftime("%Y%m%d_%H%M%S")
+            for item in items:  # the batch's one library .blend
+                item.library = str(folder / f"psd3d_{stamp}_{item.batch[:8]}.blend")
 
-        submit(session, "batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, acknowledged)
+        submit(session, "batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, submission,
+               acknowledged)
         self.report({"INFO"}, f"psd3d: batch of {len(prompts)} prompts submitted")
         return {"FINISHED"}
 

@@ -46,6 +46,8 @@ class PSD_JobItem(bpy.types.PropertyGroup):
     location: FloatVectorProperty(name="Location", size=3, subtype="TRANSLATION",
                                   description="Where the prop appears (the 3D cursor when submitted)")
     index: IntProperty(name="Index", description="Position in its batch")
+    submission: StringProperty(name="Submission", options={"HIDDEN"},
+                               description="The submit request that asked for this job (until its id arrives)")
     results_dir: StringProperty(name="Results", subtype="DIR_PATH",
                                 description="Where the job's files (GLB, preview, reward curve, metrics) were saved")
 

@@ -46,6 +46,8 @@ def pump(budget: float = 0.0) -> float:
     for sc in bpy.data.scenes:
         if not sc.psd3d.defaults_applied:
             sc.psd3d.apply_defaults(connection.prefs())
+    for item in jobs.unanswered():
+        item.state, item.message = "lost", "the file was closed before the backend answered its submit; submit again"
     open_jobs = [(sc, item) for sc, item in job_items() if item.active and item.job_id]
     sess = connection.current()
     if not open_jobs and sess is None:
