@@ -848,7 +848,8 @@ def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_si
 
     # a camera 10 m in front of the cursor sees a 2 m prop as a camera 5 units away sees the backend's object
     sent = []
-    monkeypatch.setattr(operators, "submit", lambda session, kind, body, arrays, on_jobs: sent.append(body))
+    monkeypatch.setattr(operators, "submit", lambda session, kind, body, arrays, submission, on_jobs=None:
+                        sent.append(body))
     cam = bpy.data.objects.new("Front Cam", bpy.data.cameras.new("Front Cam"))
     bpy.context.scene.collection.objects.link(cam)
     from mathutils import Euler, Matrix
@@ -858,6 +859,7 @@ def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_si
     text = bpy.data.texts.new("two props")
     text.write("a cup\na plate\n")
     s = settings("a cup")
+    n_jobs = len(s.jobs)
     s.size, s.camera_mode, s.batch_source, s.batch_text, s.library_dir = 2.0, "SCENE", "TEXT", text, "/tmp/psd3d-lib"
     try:
         assert bpy.ops.psd3d.generate() == {"FINISHED"}
@@ -869,6 +871,8 @@ def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_si
             np.testing.assert_allclose(c2w[:3, :3] @ c2w[:3, :3].T, np.eye(3), atol=1e-6)
         assert len(sent) == 2
     finally:
+        while len(s.jobs) > n_jobs:  # listed as submitting, never sent
+            s.jobs.remove(len(s.jobs) - 1)
         s.size, s.camera_mode = 1.0, "ORBIT"
         bpy.context.scene.cursor.location = (0, 0, 0)
         bpy.data.objects.remove(cam)

@@ -42,7 +42,8 @@ class PSD_JobItem(bpy.types.PropertyGroup):
     library: StringProperty(name="Library", description="The .blend this batch job's asset is saved into", subtype="FILE_PATH")
     message: StringProperty(name="Message")
     size: FloatProperty(name="Size", default=1.0, description="Largest extent of the new prop")
-    mesh_scale: FloatProperty(name="Mesh Scale", default=0.0, description="Backend units to metres of the latest mesh (0: none yet)")
+    mesh_scale: FloatProperty(name="Mesh Scale", default=0.0,
+                              description="Backend units to metres of the latest mesh (0: none yet)")
     location: FloatVectorProperty(name="Location", size=3, subtype="TRANSLATION",
                                   description="Where the prop appears (the 3D cursor when submitted)")
     index: IntProperty(name="Index", description="Position in its batch")
