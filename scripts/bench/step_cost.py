@@ -4,32 +4,40 @@
 Each step does the work a real texture step does: encode the render (a 3-channel image that
 requires grad, standing in for the rasterised UV texture) with the VAE encoder, noise, the
 UNet, decode the one-step predictions for the reward, the reward, the n update on pair
-steps, and the backward of the distillation loss through the encoder. Every method runs in
-the same process on the same models, and its time is the mean over whole k-cycles (10 steps
-by default, a multiple of 1, 2 and 5), so the one PSD step in five is counted.
+steps, and the backward of the distillation loss through the encoder.
+
+Timing is interleaved so that the machine's load falls on every method alike: each round runs
+one step of every method, in an order rotated by one each round. PSD with interval k runs its
+pair step every k-th step, so a method's cost per step is taken over its complete k-cycles (the
+mean of k consecutive steps; a trailing incomplete cycle is dropped), and its ratio to SDS is
+taken per cycle against SDS's steps in the same rounds. Reported: the median over cycles with
+the interquartile range [q1, q3].
 
 Shapes: ``tiny`` (the tiny preset's models) and ``sd21-shape`` (random weights with Stable
 Diffusion 2.1 base's UNet / VAE / text-encoder configs, TAESD's config, and an open_clip
 ViT-H-14 reward: the real cost structure; 32x32 latents on a CPU, 64x64 on a GPU).
 
     .venv/bin/python scripts/bench/step_cost.py --shape tiny
-    .venv/bin/python scripts/bench/step_cost.py --shape sd21-shape --steps 10
+    .venv/bin/python scripts/bench/step_cost.py --shape sd21-shape --rounds 10
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller  # noqa: E402
 from backend.psd.guidance import distillation_loss  # noqa: E402
@@ -49,7 +57,35 @@ def tiny_models(device, dtype):
     return m.prior, m.target_reward
 
 
-def sd21_shape_models(device, dtype):
+@dataclass
+class Sd21ShapeModules:
+    """float32 modules on the CPU with random weights and the real sizes."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text: torch.nn.Module
+    taesd: torch.nn.Module
+    clip: torch.nn.Module
+
+    def prior(self, device, dtype) -> DiffusionPrior:
+        """A prior of copies of these modules in ``dtype`` on ``device`` (the same weights for every dtype)."""
+        from backend.psd.analytic import sd_alphas_cumprod
+        from backend.psd.tiny import clip_tokenizer
+
+        def cast(m):
+            return copy.deepcopy(m).to(device, dtype)
+
+        return DiffusionPrior(cast(self.unet), cast(self.vae), cast(self.text), clip_tokenizer(),
+                              sd_alphas_cumprod().float(), cast(self.taesd))
+
+    def reward(self, device) -> HpsReward:
+        """The ViT-H-14 reward in float32, as ``backend.models.load_models`` loads it."""
+        import open_clip
+
+        return HpsReward(self.clip.to(device, torch.float32), open_clip.get_tokenizer("ViT-H-14"))
+
+
+def sd21_shape_modules(seed: int = 0) -> Sd21ShapeModules:
     """Random weights, real shapes: SD 2.1 base's configs (stabilityai/stable-diffusion-2-1-base
     unet/vae/text_encoder config.json), TAESD's (diffusers AutoencoderTiny defaults), open_clip ViT-H-14."""
     import open_clip
@@ -57,10 +93,9 @@ def sd21_shape_models(device, dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from backend.models import quiet_libraries
-    from backend.psd.analytic import sd_alphas_cumprod
-    from backend.psd.tiny import clip_tokenizer
 
     quiet_libraries()
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
@@ -77,23 +112,42 @@ def sd21_shape_models(device, dtype):
         vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
         num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
     ))
-    taesd = AutoencoderTiny()
-    clip = open_clip.create_model("ViT-H-14", pretrained=None)
-    counts = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in
-              (("unet", unet), ("vae", vae), ("text_encoder", text), ("taesd", taesd), ("reward ViT-H-14", clip))}
+    modules = Sd21ShapeModules(unet, vae, text, AutoencoderTiny(), open_clip.create_model("ViT-H-14", pretrained=None))
+    counts = {name: sum(p.numel() for p in getattr(modules, name).parameters()) / 1e6
+              for name in ("unet", "vae", "text", "taesd", "clip")}
     print("parameters (M): " + ", ".join(f"{k} {v:.0f}" for k, v in counts.items()))
-    prior = DiffusionPrior(unet.to(device, dtype), vae.to(device, dtype), text.to(device, dtype), clip_tokenizer(),
-                           sd_alphas_cumprod().float(), taesd.to(device, dtype))
-    reward = HpsReward(clip.to(device, dtype if device.type == "cuda" else torch.float32),
-                       open_clip.get_tokenizer("ViT-H-14"))
-    return prior, reward
+    return modules
+
+
+def sd21_shape_models(device, dtype):
+    modules = sd21_shape_modules()
+    return modules.prior(device, dtype), modules.reward(device)
+
+
+class ShrunkLatentPrior:
+    """The reward path before issue 11: latents shrunk to 28x28 (224 px), then decoded.
+    Kept here only to measure what decoding the full-size latent costs."""
+
+    def __init__(self, prior, latent_size: int = 28) -> None:
+        self._prior, self._size = prior, latent_size
+
+    def __getattr__(self, name):
+        return getattr(self._prior, name)
+
+    def decode_for_reward(self, latents, **decode):
+        if latents.shape[-1] != self._size:
+            latents = F.interpolate(latents, size=(self._size, self._size), mode="bilinear",
+                                    align_corners=False, antialias=True)
+        return self._prior.decode_for_reward(latents, **decode)
 
 
 class Timers:
-    """Wall time per labelled region; wraps the prior's and reward's methods of one instance."""
+    """Wall time per (method, region); wraps the prior's and reward's methods once, and books
+    each call under the method that is running (``current``)."""
 
     def __init__(self, sync) -> None:
-        self.total = defaultdict(float)
+        self.total = defaultdict(lambda: defaultdict(float))
+        self.current = ""
         self.sync = sync
 
     @contextmanager
@@ -104,7 +158,7 @@ class Timers:
             yield
         finally:
             self.sync()
-            self.total[name] += time.perf_counter() - start
+            self.total[self.current][name] += time.perf_counter() - start
 
     def wrap(self, obj, method: str, name: str) -> None:
         fn = getattr(obj, method)
@@ -116,48 +170,62 @@ class Timers:
         setattr(obj, method, timed)
 
 
-def run_method(prior, reward, label, guidance, steps, size, device, sync, n0, y, feats):
-    timers = Timers(sync)
-    timers.wrap(prior, "predict_eps", "unet")
-    timers.wrap(prior, "decode_for_reward", "decode x0")
-    timers.wrap(reward, "score", "reward")
-    timers.wrap(prior, "encode_images", "encode render")
-    negative = NegativeEmbedding(n0, NegativeConfig())
-    timers.wrap(negative, "ascend", "n backward + Adam")
-    distiller = ScoreDistiller(prior, reward, feats, y, negative, guidance, torch.Generator().manual_seed(0))
-    render = torch.rand(1, 3, size * prior.vae_scale, size * prior.vae_scale, device=device, requires_grad=True)
-    t = torch.full((1,), 500, dtype=torch.long, device=device)
-    # warm-up: one pair step and one plain step (allocations, kernels)
-    for s in range(2):
-        distillation_loss(prior.encode_images(render), distiller.step(prior.encode_images(render), t, s).grad).backward()
-    timers.total.clear()
-    sync()
-    start = time.perf_counter()
-    for s in range(steps):
-        x_c = prior.encode_images(render)
-        out = distiller.step(x_c, t, s)
-        with timers.region("backward (render)"):
+class Runner:
+    """One method's state: its distiller (own n and Adam, own noise), its render, its step times."""
+
+    def __init__(self, label, prior, reward, guidance, size, device, timers, n0, y, feats) -> None:
+        self.label, self.prior, self.timers = label, prior, timers
+        self.negative = NegativeEmbedding(n0, NegativeConfig())
+        timers.wrap(self.negative, "ascend", "n backward + Adam")
+        self.distiller = ScoreDistiller(prior, reward, feats, y, self.negative, guidance, torch.Generator().manual_seed(0))
+        self.interval = guidance.interval if guidance.method is Method.PSD else 1
+        side = size * prior.vae_scale
+        self.render = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
+        self.t = torch.full((1,), 500, dtype=torch.long, device=device)
+        self.steps = 0
+        self.times: list[float] = []  # one per timed step, in round order
+
+    def step(self, timed: bool = True) -> None:
+        self.timers.current = self.label if timed else ""
+        self.timers.sync()
+        start = time.perf_counter()
+        x_c = self.prior.encode_images(self.render)
+        out = self.distiller.step(x_c, self.t, self.steps)
+        with self.timers.region("backward (render)"):
             distillation_loss(x_c, out.grad).backward()
-    sync()
-    per_step = (time.perf_counter() - start) / steps
-    for attr in ("predict_eps", "decode_for_reward", "encode_images"):
-        delattr(prior, attr)
-    delattr(reward, "score")
-    return per_step, {k: v / steps for k, v in timers.total.items()}
+        self.render.grad = None
+        self.timers.sync()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+        self.steps += 1
+
+    def cycles(self) -> list[range]:
+        """The rounds of each complete k-cycle of timed steps."""
+        k, n = self.interval, len(self.times)
+        return [range(i, i + k) for i in range(0, n - n % k, k)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["tiny", "sd21-shape"], default="tiny")
-    ap.add_argument("--steps", type=int, default=10, help="steps per method; a multiple of 10 keeps whole k-cycles")
+    ap.add_argument("--rounds", type=int, default=30,
+                    help="rounds of one step per method; a multiple of 10 keeps whole cycles of k = 1, 2 and 5")
     ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 tiny, 32 CPU / 64 GPU sd21-shape)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="default cuda when present, else cpu")
     args = ap.parse_args()
-    if args.steps % 10:
-        ap.error("--steps must be a multiple of 10 (whole cycles of k = 1, 2 and 5)")
+    if args.rounds < 5:
+        ap.error("--rounds must be at least 5 (one whole cycle of k = 5)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,33 +233,57 @@ def main() -> None:
     prior, reward = (tiny_models if args.shape == "tiny" else sd21_shape_models)(device, dtype)
     size = args.latent or (16 if args.shape == "tiny" else (64 if device.type == "cuda" else 32))
     print(f"{args.shape}: models ready in {time.perf_counter() - start:.0f} s; device {device} {dtype}, "
-          f"{torch.get_num_threads()} threads, latent {size}x{size}, {args.steps} steps per method")
+          f"{torch.get_num_threads()} threads, latent {size}x{size}, {args.rounds} interleaved rounds")
     with torch.no_grad():
         y = prior.encode_text([PROMPT])
         n0 = prior.encode_text(["low quality, blurry, ugly"])
     feats = reward.text_features(PROMPT)
-    base = GuidanceConfig()  # the reward path: TAESD at 224 px (latent 28), reuse of the winner's forward
+
+    timers = Timers(sync)
+    timers.wrap(prior, "predict_eps", "unet")
+    timers.wrap(prior, "decode_for_reward", "decode x0")
+    timers.wrap(reward, "score", "reward")
+    timers.wrap(prior, "encode_images", "encode render")
+    base = GuidanceConfig()  # the reward path: TAESD on the full-size latent, reuse of the winner's forward
     methods = [
-        ("sds", replace(base, method=Method.SDS)),
-        ("psd_k1", replace(base, interval=1)),
-        ("psd_k2", replace(base, interval=2)),
-        ("psd_k5", replace(base, interval=5)),
-        ("dreamdpo", replace(base, method=Method.DREAMDPO)),
-        ("psd_k1_recompute", replace(base, interval=1, reuse_winner_forward=False)),
-        ("psd_k1_fullvae", replace(base, interval=1, decode=replace(base.decode, tiny=False, latent_size=None))),
+        ("sds", prior, replace(base, method=Method.SDS)),
+        ("psd_k1", prior, replace(base, interval=1)),
+        ("psd_k2", prior, replace(base, interval=2)),
+        ("psd_k5", prior, replace(base, interval=5)),
+        ("dreamdpo", prior, replace(base, method=Method.DREAMDPO)),
+        ("psd_k1_recompute", prior, replace(base, interval=1, reuse_winner_forward=False)),
+        ("psd_k1_fullvae", prior, replace(base, interval=1, decode=replace(base.decode, tiny=False))),
+        ("psd_k1_latent28", ShrunkLatentPrior(prior), replace(base, interval=1)),
     ]
-    results = {}
-    for label, guidance in methods:
-        per_step, parts = run_method(prior, reward, label, guidance, args.steps, size, device, sync, n0, y, feats)
-        results[label] = per_step
-        where = ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
-        print(f"  {label:18s} {per_step:8.3f} s/step   [{where}]", flush=True)
-    sds = results["sds"]
-    print(f"  (variants: psd_k1 with the n-gradient recomputed instead of reusing the winner's forward: "
-          f"{results['psd_k1_recompute'] / sds:.2f}x; with the full VAE decoder on the reward path: "
-          f"{results['psd_k1_fullvae'] / sds:.2f}x)")
-    print(f"{args.shape}: psd_k1/sds={results['psd_k1'] / sds:.2f} psd_k2/sds={results['psd_k2'] / sds:.2f} "
-          f"psd_k5/sds={results['psd_k5'] / sds:.2f} dreamdpo/sds={results['dreamdpo'] / sds:.2f}")
+    runners = [Runner(label, p, reward, g, size, device, timers, n0, y, feats) for label, p, g in methods]
+    for runner in runners:  # warm-up: one pair step and one plain step (allocations, kernels)
+        runner.step(timed=False)
+        runner.step(timed=False)
+    for r in range(args.rounds):
+        shift = r % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            runner.step()
+
+    sds = runners[0]
+    ratios = {}
+    print(f"  {'method':18s} {'s/step median [q1, q3]':>30s}   {'/sds median [q1, q3]':>24s}   cycles   per-step parts (s)")
+    for runner in runners:
+        cycles = runner.cycles()
+        per_step = [statistics.fmean(runner.times[i] for i in c) for c in cycles]
+        vs_sds = [statistics.fmean(runner.times[i] for i in c) / statistics.fmean(sds.times[i] for i in c) for c in cycles]
+        q = quartiles(per_step)
+        qr = quartiles(vs_sds)
+        ratios[runner.label] = qr[1]
+        parts = ", ".join(f"{k} {v / len(runner.times):.3f}" for k, v in
+                          sorted(timers.total[runner.label].items(), key=lambda kv: -kv[1]))
+        print(f"  {runner.label:18s} {q[1]:9.3f} [{q[0]:8.3f}, {q[2]:8.3f}]   {qr[1]:10.2f}x [{qr[0]:5.2f}, {qr[2]:5.2f}]"
+              f"   {len(cycles):3d}x{runner.interval}   [{parts}]", flush=True)
+    print(f"  (variants of psd_k1 / psd_k1: n-gradient recomputed instead of reusing the winner's forward "
+          f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
+          f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
+          f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
+    print(f"{args.shape}: psd_k1/sds={ratios['psd_k1']:.2f} psd_k2/sds={ratios['psd_k2']:.2f} "
+          f"psd_k5/sds={ratios['psd_k5']:.2f} dreamdpo/sds={ratios['dreamdpo']:.2f}")
 
 
 if __name__ == "__main__":
