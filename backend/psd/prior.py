@@ -10,8 +10,8 @@ Noise convention (paper Eq. 1): ``x_t = a_t x_0 + s_t eps`` with ``a_t = sqrt(ab
 
 Half precision: the modules may run in float16 (CUDA's default, ``backend.models``). float16
 keeps 5 exponent bits — normal numbers from 2**-14, subnormals down to 2**-24, at most 65504 —
-and the reward's gradient reaches the negative embedding at 1e-10..1e-7 per element, so a plain
-float16 backward returns zeros and n stops learning. Every float16 module call is therefore a
+and the reward's gradient can reach the negative embedding at 1e-10..1e-7 per element (the tiny
+models as built), so a plain float16 backward returns zeros and n stops learning. Every float16 module call is therefore a
 :class:`HalfGradSpan`: its backward runs on a gradient rescaled by a power of two chosen from
 that gradient (``scripts/bench/half_precision.py`` measures it; ``tests/test_half_precision.py``
 pins it).
