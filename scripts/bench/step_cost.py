@@ -220,6 +220,8 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 tiny, 32 CPU / 64 GPU sd21-shape)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="default cuda when present, else cpu")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="only sds, psd_k1/2/5 and dreamdpo (sd21-shape on a CPU: a round of all eight takes minutes)")
     args = ap.parse_args()
     if args.rounds < 5:
         ap.error("--rounds must be at least 5 (one whole cycle of k = 5)")
@@ -255,14 +257,18 @@ def main() -> None:
         ("psd_k1_fullvae", prior, replace(base, interval=1, decode=replace(base.decode, tiny=False))),
         ("psd_k1_latent28", ShrunkLatentPrior(prior), replace(base, interval=1)),
     ]
+    if args.no_variants:
+        methods = methods[:5]
     runners = [Runner(label, p, reward, g, size, device, timers, n0, y, feats) for label, p, g in methods]
     for runner in runners:  # warm-up: one pair step and one plain step (allocations, kernels)
         runner.step(timed=False)
         runner.step(timed=False)
     for r in range(args.rounds):
         shift = r % len(runners)
+        start = time.perf_counter()
         for runner in runners[shift:] + runners[:shift]:
             runner.step()
+        print(f"  round {r + 1}/{args.rounds}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     sds = runners[0]
     ratios = {}
@@ -278,10 +284,11 @@ def main() -> None:
                           sorted(timers.total[runner.label].items(), key=lambda kv: -kv[1]))
         print(f"  {runner.label:18s} {q[1]:9.3f} [{q[0]:8.3f}, {q[2]:8.3f}]   {qr[1]:10.2f}x [{qr[0]:5.2f}, {qr[2]:5.2f}]"
               f"   {len(cycles):3d}x{runner.interval}   [{parts}]", flush=True)
-    print(f"  (variants of psd_k1 / psd_k1: n-gradient recomputed instead of reusing the winner's forward "
-          f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
-          f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
-          f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
+    if not args.no_variants:
+        print(f"  (variants of psd_k1 / psd_k1: n-gradient recomputed instead of reusing the winner's forward "
+              f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
+              f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
+              f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
     print(f"{args.shape}: psd_k1/sds={ratios['psd_k1']:.2f} psd_k2/sds={ratios['psd_k2']:.2f} "
           f"psd_k5/sds={ratios['psd_k5']:.2f} dreamdpo/sds={ratios['dreamdpo']:.2f}")
 
