@@ -24,6 +24,7 @@ def _on_load(_dummy) -> None:
 @persistent
 def _on_save(_dummy) -> None:
     """The file is being saved: the streamed textures go into it (a generated image is saved only when packed)."""
+    pump.flush_textures()  # snapshots still being converted land first
     scene.pack_job_images()
 
 

@@ -258,6 +258,7 @@ def test_orientation_gltf_y_up_is_blender_z_up(addon):
     tex[0] = 255  # the top row white
     pump.apply(JobEvent(job, 1, MeshSnapshot(1, pos, faces, uvs, 1)))
     pump.apply(JobEvent(job, 1, TextureSnapshot(1, tex)))
+    pump.flush_textures(job)  # converted off the main thread: written once ready
     obj = bscene.job_object(job)
     co = np.array([v.co for v in obj.data.vertices])
     assert np.allclose(co, [[0, 0, 0], [1, 0, 0], [0, 0, 2], [0, -3, 0]])  # size 3 = the largest extent: scale 1
@@ -270,6 +271,56 @@ def test_orientation_gltf_y_up_is_blender_z_up(addon):
     assert np.array_equal(back["texture"], tex)
     s.jobs.remove(len(s.jobs) - 1)
     bpy.data.objects.remove(obj)
+
+
+def test_texture_snapshots_are_converted_off_blenders_main_thread(addon, monkeypatch):
+    """Item 9: the main thread only hands a snapshot over and later writes a ready float32 buffer with
+    ``foreach_set``; the uint8 -> float conversion and the row flip run on the converter's thread."""
+    import threading
+
+    pump = addon
+    from blender_addon.blender import scene as bscene
+    from blender_addon.core import frames
+
+    converted_on, written = [], []
+    convert, apply_pixels = frames.rgba8_to_blender_pixels, bscene.apply_pixels
+
+    def recording_convert(rgba, out=None):
+        converted_on.append(threading.current_thread())
+        return convert(rgba, out=out)
+
+    def recording_apply(image, pixels, width, height):
+        written.append((threading.current_thread(), pixels.dtype, pixels.size))
+        return apply_pixels(image, pixels, width, height)
+
+    monkeypatch.setattr(frames, "rgba8_to_blender_pixels", recording_convert)
+    monkeypatch.setattr(bscene, "apply_pixels", recording_apply)
+    s = bpy.context.scene.psd3d
+    job = "d" * 32
+    item = s.jobs.add()
+    item.job_id, item.pipeline, item.prompt, item.state, item.size = job, "generate", "offthread", "running", 1.0
+    pos = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32)
+    faces = np.array([[0, 1, 2]], np.int32)
+    uvs = np.array([[[0, 0], [1, 0], [0, 1]]], np.float32)
+    tex = np.random.default_rng(5).integers(0, 256, (64, 48, 4), dtype=np.uint8)
+    try:
+        pump.apply(JobEvent(job, 1, MeshSnapshot(1, pos, faces, uvs, 1)))
+        pump.apply(JobEvent(job, 1, TextureSnapshot(1, tex)))
+        t0 = time.monotonic()
+        while not written:  # the timer's next ticks write it once the converter is done
+            assert time.monotonic() - t0 < 10, "the converted texture was never written"
+            pump.pump()
+            time.sleep(0.01)
+        assert converted_on and threading.main_thread() not in converted_on, "converted on Blender's main thread"
+        assert written == [(threading.main_thread(), np.float32, tex.size)]  # foreach_set of a ready buffer
+        image = bscene.job_image(job)
+        assert tuple(image.size) == (48, 64) and image.get(pump.SNAPSHOTS_KEY) == 1
+        assert np.array_equal(bscene.image_rgba8(image), tex)  # rows flipped for Blender and back
+    finally:
+        s.jobs.remove(len(s.jobs) - 1)
+        obj = bscene.job_object(job)
+        if obj is not None:
+            bpy.data.objects.remove(obj)
 
 
 def select_only(*objs):

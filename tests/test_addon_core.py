@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blender_addon.core import frames, library, text  # noqa: E402
+from blender_addon.core import frames, library, pixels, text  # noqa: E402
 
 
 def test_points_round_trip_and_y_up_becomes_z_up():
@@ -81,6 +81,58 @@ def test_uvs_and_pixels_flip_and_round_trip():
     big = np.random.default_rng(3).integers(0, 256, (700, 513, 4), dtype=np.uint8)  # banded on threads
     expected = (big[::-1].reshape(-1) / np.float32(255)).astype(np.float32)
     assert np.allclose(frames.rgba8_to_blender_pixels(big), expected, atol=1e-7)
+
+
+def test_texture_snapshots_are_converted_on_the_converters_thread_newest_first():
+    """Item 9: the uint8 -> float conversion runs on the converter's worker thread, never the caller's
+    (Blender's main thread); what comes back is ready for ``foreach_set``: flat float32 in 0..1, rows
+    bottom-up, colour not premultiplied by alpha; a snapshot still waiting is replaced by a newer one."""
+    import threading
+
+    threads: list[threading.Thread] = []
+    original = frames.rgba8_to_blender_pixels
+
+    def recording(rgba, out=None):
+        threads.append(threading.current_thread())
+        return original(rgba, out=out)
+
+    frames.rgba8_to_blender_pixels = recording
+    converter = pixels.TextureConverter()
+    try:
+        rgba = np.random.default_rng(4).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+        rgba[..., 3] = 0  # transparent: a premultiplying conversion would zero the colour
+        converter.submit("a", rgba)
+        assert converter.wait(timeout=10)
+        [done] = converter.ready()
+        assert threads and threading.current_thread() not in threads
+        assert (done.key, done.width, done.height, done.error) == ("a", 5, 6, None)
+        assert done.pixels.dtype == np.float32 and done.pixels.shape == (6 * 5 * 4,)
+        np.testing.assert_allclose(done.pixels.reshape(6, 5, 4), rgba[::-1] / np.float32(255), atol=1e-7)
+        assert not converter.pending()
+        buffer = done.pixels
+        converter.release(done)
+        assert done.pixels is None
+
+        gate = threading.Event()  # hold the worker on a first snapshot while three more of one key arrive
+        frames.rgba8_to_blender_pixels = lambda rgba, out=None: (gate.wait(10), recording(rgba, out))[1]
+        converter.submit("b", np.zeros((2, 2, 4), np.uint8))
+        for value in (10, 20, 30):
+            converter.submit("a", np.full((6, 5, 4), value, np.uint8))
+        assert converter.pending("a") and converter.pending("b")
+        gate.set()
+        assert converter.wait(timeout=10)
+        done = {c.key: c for c in converter.ready()}
+        assert set(done) == {"a", "b"} and np.allclose(done["a"].pixels, 30 / 255)  # only the newest of "a"
+        assert done["a"].pixels is buffer  # the released buffer was reused: no new allocation
+        assert threading.current_thread() not in threads
+
+        converter.submit("c", np.zeros((2, 2, 3), np.uint8))  # a malformed snapshot is reported, not raised
+        assert converter.wait(timeout=10)
+        [bad] = converter.ready()
+        assert bad.pixels is None and isinstance(bad.error, ValueError)
+    finally:
+        frames.rgba8_to_blender_pixels = original
+        converter.close()
 
 
 def test_triangle_loops_and_fit_size():

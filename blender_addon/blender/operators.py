@@ -160,9 +160,9 @@ class PSD_OT_refine(_Op, bpy.types.Operator):
             def acknowledged(items, obj_name=obj_name, arrays=arrays, uv_map=uv_map, size=size):
                 target = bpy.data.objects.get(obj_name)
                 for item in items if target is not None else ():
-                    image = scene.attach_refine_image(target, item.job_id, *size, uv_map=uv_map)
+                    scene.attach_refine_image(target, item.job_id, *size, uv_map=uv_map)
                     if "texture" in arrays:  # start from the original, as the backend does
-                        scene.apply_texture(image, arrays["texture"])
+                        pump.show_texture(item.job_id, arrays["texture"])
 
             submit(session, "refine", {"pipeline": "refine", "spec": job_fields}, arrays, submission, acknowledged)
         names = ", ".join(name for name, *_ in requests)

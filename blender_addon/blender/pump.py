@@ -1,5 +1,7 @@
 """The ``bpy.app.timers`` pump: each tick polls the session without blocking and applies what
-arrived to the scene. Jobs are found by id in the scenes' job lists, objects and images by the
+arrived to the scene. Texture snapshots are converted to Blender's float pixels on a worker
+thread (``core.pixels``); a later tick writes the ready buffer, so the main thread's share of a
+snapshot is Blender's own ``foreach_set``. Jobs are found by id in the scenes' job lists, objects and images by the
 job id stored on them, every tick (undo and file reloads invalidate held references)."""
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import numpy as np
 from protocol.events import Done, Failed, MeshSnapshot, Progress, TextureSnapshot
 from protocol.session import JobEvent
 
-from ..core import frames, text
+from ..core import frames, pixels, text
 from . import assets, connection, jobs, notices, results, scene
 from .jobs import find_job, job_items
 
 ACTIVE_INTERVAL = 0.05  # seconds between ticks while jobs run
 IDLE_INTERVAL = 1.0
 SNAPSHOTS_KEY = "psd3d_snapshots"  # on an image: texture snapshots written into it
+_converter = pixels.TextureConverter()  # texture snapshots -> float pixels, off the main thread
 
 
 def ensure_timer() -> None:
@@ -28,8 +31,43 @@ def ensure_timer() -> None:
 
 
 def stop_timer() -> None:
+    """Stop the timer and the texture converter's thread (unregistering the add-on)."""
     if bpy.app.timers.is_registered(tick):
         bpy.app.timers.unregister(tick)
+    _converter.close()
+
+
+def show_texture(job: str, rgba) -> None:
+    """Show an (H,W,4) uint8 texture (row 0 at the top) in the job's image: converted off the main
+    thread, written by a later tick (or ``flush_textures``). The array is handed over, not copied."""
+    _converter.submit(job, rgba)
+
+
+def write_textures() -> bool:
+    """Write the texture snapshots the converter has finished into their jobs' images (main thread:
+    ``foreach_set`` of a ready float32 buffer). Returns whether one was written."""
+    wrote = False
+    for done in _converter.ready():
+        try:
+            if done.error is not None:
+                print(f"psd3d: a texture snapshot of job {done.key[:8]} was not shown: {done.error}")
+                continue
+            image = scene.job_image(done.key)
+            if image is None:  # removed meanwhile (a refine reverted, the object deleted)
+                continue
+            scene.apply_pixels(image, done.pixels, done.width, done.height)
+            image[SNAPSHOTS_KEY] = image.get(SNAPSHOTS_KEY, 0) + 1
+            wrote = True
+        finally:
+            _converter.release(done)
+    return wrote
+
+
+def flush_textures(job: str | None = None) -> bool:
+    """Wait for the conversions of ``job`` (or of all jobs) and write them: for the moments that need
+    the newest texture now (a job's end, a save)."""
+    _converter.wait(job)
+    return write_textures()
 
 
 def tick() -> float:
@@ -42,7 +80,11 @@ def tick() -> float:
 
 
 def pump(budget: float = 0.0) -> float:
-    """One tick: follow the open jobs, apply their new events. Returns the next interval."""
+    """One tick: write the textures converted since the last, follow the open jobs, apply their new
+    events. Returns the next interval."""
+    wrote = write_textures()
+    if wrote:
+        notices.redraw()
     for sc in bpy.data.scenes:
         if not sc.psd3d.defaults_applied:
             sc.psd3d.apply_defaults(connection.prefs())
@@ -51,7 +93,7 @@ def pump(budget: float = 0.0) -> float:
     open_jobs = [(sc, item) for sc, item in job_items() if item.active and item.job_id]
     sess = connection.current()
     if not open_jobs and sess is None:
-        return IDLE_INTERVAL
+        return ACTIVE_INTERVAL if _converter.pending() else IDLE_INTERVAL
     link_since = connection.link.since
     try:
         sess = connection.session()
@@ -69,7 +111,7 @@ def pump(budget: float = 0.0) -> float:
         sess.unfollow(job)
     if changed or connection.link.since != link_since:
         notices.redraw()
-    return ACTIVE_INTERVAL if open_jobs or sess.busy else IDLE_INTERVAL
+    return ACTIVE_INTERVAL if open_jobs or sess.busy or _converter.pending() else IDLE_INTERVAL
 
 
 def apply(job_event: JobEvent) -> bool:
@@ -98,12 +140,12 @@ def apply(job_event: JobEvent) -> bool:
                 return False  # the artist reverted and removed it
             ensure_object(sc, item)
             image = scene.job_image(item.job_id)
-        scene.apply_texture(image, event.image)
-        image[SNAPSHOTS_KEY] = image.get(SNAPSHOTS_KEY, 0) + 1
+        show_texture(item.job_id, event.image)  # converted off the main thread; a later tick writes it
     elif isinstance(event, Done):
         item.state, item.last_seq = "done", job_event.seq  # step stays where it stopped (Stop & Keep)
         if event.final.get("target_reward") is not None:
             item.final_reward = float(event.final["target_reward"])
+        flush_textures(item.job_id)  # the final texture (Stop & Keep's too) is in the image before it is packed
         scene.pack_job_images()  # a generated image is kept in the .blend only when packed
         if item.batch:
             assets.finish_batch_job(sc, item, event.final)

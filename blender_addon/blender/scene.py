@@ -128,18 +128,15 @@ def _attribute(mesh: bpy.types.Mesh, name: str, kind: str, domain: str):
     return mesh.attributes.get(name) or mesh.attributes.new(name, kind, domain)
 
 
-_pixel_buffer = np.empty(0, np.float32)  # reused between texture snapshots (no 16 MiB allocation per 1024² texture)
-
-
-def apply_texture(image: bpy.types.Image, rgba: np.ndarray) -> None:
-    """Write an (H,W,4) uint8 sRGB texture (row 0 at the top) into ``image`` in place."""
-    global _pixel_buffer
-    h, w = rgba.shape[:2]
-    if tuple(image.size) != (w, h):
-        image.scale(w, h)
-    if _pixel_buffer.size != rgba.size:
-        _pixel_buffer = np.empty(rgba.size, np.float32)
-    image.pixels.foreach_set(frames.rgba8_to_blender_pixels(rgba, out=_pixel_buffer))
+def apply_pixels(image: bpy.types.Image, pixels: np.ndarray, width: int, height: int) -> None:
+    """Write ready pixels (flat float32 RGBA, row 0 at the bottom: ``core.pixels`` converts a texture
+    snapshot into them off the main thread) into ``image`` in place. The main thread's whole share of
+    a texture snapshot: a resize when the size changed, Blender's ``foreach_set``, the update."""
+    if pixels.dtype != np.float32 or pixels.size != width * height * 4:
+        raise ValueError(f"pixels: expected {width * height * 4} float32, got {pixels.size} {pixels.dtype}")
+    if tuple(image.size) != (width, height):
+        image.scale(width, height)
+    image.pixels.foreach_set(pixels)
     image.update()
 
 
