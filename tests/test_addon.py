@@ -899,7 +899,7 @@ def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_si
 
     # a camera 10 m in front of the cursor sees a 2 m prop as a camera 5 units away sees the backend's object
     sent = []
-    monkeypatch.setattr(operators, "submit", lambda session, kind, body, arrays, submission, on_jobs=None:
+    monkeypatch.setattr(operators, "submit", lambda session, kind, body, arrays, submission, on_jobs=None, batch="":
                         sent.append(body))
     cam = bpy.data.objects.new("Front Cam", bpy.data.cameras.new("Front Cam"))
     bpy.context.scene.collection.objects.link(cam)
@@ -915,12 +915,22 @@ def test_size_holds_for_the_final_mesh_and_scene_cameras_see_the_prop_of_that_si
     try:
         assert bpy.ops.psd3d.generate() == {"FINISHED"}
         assert bpy.ops.psd3d.batch() == {"FINISHED"}
+        # Generate: from the cursor, in units of Size. Batch: each prop's cameras from its own grid spot
+        # (prop 1 stands 1.5 Size = 3 m to the cursor's +X, so the camera is 1.5 units to its -X)
+        expected = {"a cup": [[0, 0, 5], [0, 0, 5]], "a plate": [[-1.5, 0, 5]]}
+        names = [o.name for o in bpy.context.scene.objects if o.type == "CAMERA"]
+        assert len(sent) == 3 and [b["spec"]["prompt"] for b in sent] == ["a cup", "a cup", "a plate"]
         for body in sent:
-            names = [o.name for o in bpy.context.scene.objects if o.type == "CAMERA"]
             c2w = np.array(body["spec"]["cameras"]["matrices"][names.index("Front Cam")]).reshape(4, 4)
-            np.testing.assert_allclose(c2w[:3, 3], [0, 0, 5], atol=1e-6)  # from the cursor, in units of Size
+            np.testing.assert_allclose(c2w[:3, 3], expected[body["spec"]["prompt"]].pop(0), atol=1e-6)
             np.testing.assert_allclose(c2w[:3, :3] @ c2w[:3, :3].T, np.eye(3), atol=1e-6)
-        assert len(sent) == 2
+        from blender_addon.blender import assets
+
+        listed = s.jobs[n_jobs + 1:]  # the batch's props, each where its cameras were sent from
+        assert [item.index for item in listed] == [0, 1]
+        for item, spot in zip(listed, [(3, 0, 1), (6, 0, 1)]):
+            item.batch = "b" * 32  # as the acknowledgement sets it
+            assert np.allclose(assets.placement(bpy.context.scene, item), spot)
     finally:
         while len(s.jobs) > n_jobs:  # listed as submitting, never sent
             s.jobs.remove(len(s.jobs) - 1)

@@ -24,13 +24,19 @@ def object_name(item) -> str:
     return f"PSD {library.slug(item.prompt, 24)}"
 
 
+GRID_COLUMNS = 5
+
+
+def grid_spot(origin, index: int, size: float) -> tuple[float, float, float]:
+    """Where a batch's ``index``-th prop of ``size`` metres stands: a grid from ``origin`` (the 3D cursor
+    when the batch was submitted); its scene cameras are sent relative to this spot."""
+    x, y, z = origin
+    return (x + (index % GRID_COLUMNS) * SPACING * size, y - (index // GRID_COLUMNS) * SPACING * size, z)
+
+
 def placement(sc: bpy.types.Scene, item) -> tuple[float, float, float]:
     """Batch props on a grid from where the batch was submitted; single props where they were asked for."""
-    x, y, z = item.location
-    if not item.batch:
-        return (x, y, z)
-    cols = 5
-    return (x + (item.index % cols) * SPACING * item.size, y - (item.index // cols) * SPACING * item.size, z)
+    return grid_spot(item.location, item.index, item.size) if item.batch else tuple(item.location)
 
 
 def batch_collection(sc: bpy.types.Scene, batch: str) -> bpy.types.Collection:

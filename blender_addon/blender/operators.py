@@ -4,6 +4,7 @@ for its reply, and report errors in Blender's info area."""
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import bpy
@@ -12,7 +13,7 @@ import numpy as np
 from protocol.errors import Psd3dError
 
 from ..core import frames, library, text
-from . import connection, jobs, notices, pump, results, scene
+from . import assets, connection, jobs, notices, pump, results, scene
 from .notices import messages  # noqa: F401  (scripts/blender_demo.py reads operators.messages)
 
 SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
@@ -58,17 +59,20 @@ def add_job(s, pipeline: str, prompt: str, location, submission: str, index: int
     return item
 
 
-def submit(session, kind: str, body: dict, arrays: dict | None, submission: str, on_jobs=None) -> None:
+def submit(session, kind: str, body: dict, arrays: dict | None, submission: str, on_jobs=None,
+           batch: str = "") -> None:
     """Send a submit on ``session`` (``connection.session()``, which raises ``AddressError`` for a
     malformed address) for the items listed under ``submission``; when the reply arrives (in the pump)
-    they get their job ids and ``on_jobs(items)`` runs, or they are marked failed with the reason."""
+    they get their job ids (in the order of their ``index``) and ``on_jobs(items)`` runs, or they are
+    marked failed with the reason. ``batch``: the batch the items belong to when the add-on sends a
+    batch as one submit per prop (else the server's batch id, if any)."""
     def ok(msg):
-        ids, batch = msg.body["jobs"], msg.body.get("batch") or ""
-        items = [item for item in jobs.end_submission(submission) if item.index < len(ids)]
-        for item in items:
-            item.job_id, item.batch, item.state = ids[item.index], batch, "queued"
+        ids = msg.body["jobs"]
+        items = list(zip(jobs.end_submission(submission), ids))
+        for item, job in items:
+            item.job_id, item.batch, item.state = job, batch or msg.body.get("batch") or "", "queued"
         if on_jobs is not None:
-            on_jobs(items)
+            on_jobs([item for item, _ in items])
 
     def failed(exc):
         for item in jobs.end_submission(submission):
@@ -211,24 +215,36 @@ class PSD_OT_batch(_Op, bpy.types.Operator):
             library.clean_catalog_path(s.catalog)
             fields = spec_fields(s)
             fields.pop("prompt")
-            # scene cameras as they see a prop of Size at the 3D cursor (every prop of the batch gets those views)
-            fields["cameras"] = camera_rig(context, s, frames.world_to_prop(context.scene.cursor.location, s.size))
+            cursor = tuple(context.scene.cursor.location)
+            if s.camera_mode == "SCENE":  # each prop's own rig: the scene cameras as they see a prop of Size at its grid spot
+                rigs = [camera_rig(context, s, frames.world_to_prop(assets.grid_spot(cursor, i, s.size), s.size))
+                        for i in range(len(prompts))]
+            else:
+                fields["cameras"] = camera_rig(context, s, np.eye(4))  # an orbit is the same around every prop
             session = connection.session()
         except (scene.SceneError, library.LibraryError, Psd3dError, connection.AddressError) as exc:
             return self.fail(exc)
-        cursor = tuple(context.scene.cursor.location)
         folder = Path(bpy.path.abspath(s.library_dir))
-        submission = jobs.new_submission()
-        for i, prompt in enumerate(prompts):
-            add_job(s, "generate", prompt, cursor, submission, index=i)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
 
         def acknowledged(items):
-            stamp = time.strftime("%Y%m%d_%H%M%S")
             for item in items:  # the batch's one library .blend
                 item.library = str(folder / f"psd3d_{stamp}_{item.batch[:8]}.blend")
 
-        submit(session, "batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, submission,
-               acknowledged)
+        if s.camera_mode == "SCENE":
+            # one spec per prop (a batch submit shares one): one submit each, grouped under the add-on's batch id
+            batch = uuid.uuid4().hex
+            for i, (prompt, rig) in enumerate(zip(prompts, rigs)):
+                submission = jobs.new_submission()
+                add_job(s, "generate", prompt, cursor, submission, index=i)
+                submit(session, "batch", {"pipeline": "generate", "spec": {**fields, "prompt": prompt, "cameras": rig}},
+                       None, submission, acknowledged, batch=batch)
+        else:
+            submission = jobs.new_submission()
+            for i, prompt in enumerate(prompts):
+                add_job(s, "generate", prompt, cursor, submission, index=i)
+            submit(session, "batch", {"pipeline": "generate", "spec": fields, "prompts": prompts}, None, submission,
+                   acknowledged)
         self.report({"INFO"}, f"psd3d: batch of {len(prompts)} prompts submitted")
         return {"FINISHED"}
 
