@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blender_addon.core import frames, library, pixels, text  # noqa: E402
+from protocol import specs  # noqa: E402
 
 
 def test_points_round_trip_and_y_up_becomes_z_up():
@@ -146,8 +147,24 @@ def test_prompt_lists_name_the_source_and_the_reason():
     assert library.parse_prompts("a\n\n# no\n  b  \n", "f.txt") == ["a", "b"]
     with pytest.raises(library.LibraryError, match="f.txt: has no prompts"):
         library.parse_prompts("# only a comment\n", "f.txt")
-    with pytest.raises(library.LibraryError, match="at most 1000"):
-        library.parse_prompts("x\n" * 1001, "big.txt")
+    with pytest.raises(library.LibraryError, match=f"at most {specs.MAX_BATCH}"):
+        library.parse_prompts("x\n" * (specs.MAX_BATCH + 1), "big.txt")
+    assert len(library.parse_prompts("x\n" * specs.MAX_BATCH, "full.txt")) == specs.MAX_BATCH
+
+
+def test_the_addon_imports_the_protocols_limits_and_copies_none():
+    """Item 13: a limit has one owner (protocol/specs.py); the add-on imports it, never a copy."""
+    import ast
+
+    assert library.MAX_BATCH is specs.MAX_BATCH
+    owned = {name for name, value in vars(specs).items() if name.startswith("MAX_") and isinstance(value, int)}
+    for path in (Path(__file__).resolve().parents[1] / "blender_addon").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = {t.id for t in targets if isinstance(t, ast.Name)}
+                assert not names & owned, f"{path.name}: defines {names & owned}, which protocol.specs owns"
+                assert not {n for n in names if "PROMPT" in n and n.startswith("MAX")}, f"{path.name}: a copied limit"
 
 
 def test_catalogs_are_created_once_with_their_parents(tmp_path):

@@ -9,6 +9,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from protocol.specs import MAX_BATCH  # the server's limit on a batch, owned by the protocol
+
 CATALOG_FILE = "blender_assets.cats.txt"
 CATALOG_HEADER = """# This is an Asset Catalog Definition file for Blender.
 #
@@ -19,7 +21,6 @@ CATALOG_HEADER = """# This is an Asset Catalog Definition file for Blender.
 VERSION 1
 
 """
-MAX_PROMPTS = 1000  # protocol.specs.MAX_BATCH
 
 
 class LibraryError(Exception):
@@ -32,8 +33,8 @@ def parse_prompts(text: str, source: str) -> list[str]:
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise LibraryError(f"{source}: has no prompts (one a line; '#' starts a comment)")
-    if len(prompts) > MAX_PROMPTS:
-        raise LibraryError(f"{source}: has {len(prompts)} prompts, at most {MAX_PROMPTS} in one batch")
+    if len(prompts) > MAX_BATCH:
+        raise LibraryError(f"{source}: has {len(prompts)} prompts, at most {MAX_BATCH} in one batch")
     return prompts
 
 
