@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from .blender import connection, operators, panel, prefs, props, pump, results, scene
+from .blender import connection, operators, panel, prefs, props, pump, results, scene, submits
 
 CLASSES = (*props.CLASSES, *prefs.CLASSES, *operators.CLASSES, *panel.CLASSES)
 
@@ -46,6 +46,7 @@ def unregister() -> None:
         bpy.app.handlers.load_post.remove(_on_load)
     bpy.types.STATUSBAR_HT_header.remove(panel.draw_status)
     connection.shutdown()
+    submits.forget()  # a submit still unanswered is asked about by its key when the add-on is back
     results.clear()
     props.unregister_properties()
     for cls in reversed(CLASSES):

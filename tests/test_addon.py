@@ -965,3 +965,48 @@ def test_a_job_is_listed_as_submitting_at_once_and_a_refused_one_says_why(addon)
     assert notices.messages() and "steps" in notices.messages()[-1]
     notices.dismiss()
     s.steps = STEPS
+
+
+def test_a_submit_whose_reply_was_lost_is_sent_again_with_its_key_and_tracked_once(addon, backend, monkeypatch):
+    """Item 2: a submit that may have reached the backend is either tracked or never delivered. Its reply
+    lost (here: no reply within its time, the request already sent), the same submit goes again with
+    the same key and is tracked, one job on the server; after Blender forgot the request (a restart),
+    a 'submitting' item is asked about by its key alone: tracked if the server made its job, else lost."""
+    pump = addon
+    from blender_addon.blender import connection, jobs, submits
+    from protocol.client import Client
+
+    bpy.ops.psd3d.check_connection()
+    pump_until(pump, lambda: connection.link.state == "ok", timeout=60)  # a live connection: the submit goes out
+    s = settings("a lost-reply lantern")
+    n_jobs = len(s.jobs)
+    monkeypatch.setattr(submits, "SUBMIT_TIMEOUT", 0.0)  # the reply cannot arrive in time: it is lost
+    assert bpy.ops.psd3d.generate() == {"FINISHED"}
+    item = s.jobs[-1]
+    key = item.submission
+    pump.pump()
+    assert item.state == "submitting" and item.message == submits.RESENDING  # not failed, not forgotten
+    monkeypatch.setattr(submits, "SUBMIT_TIMEOUT", 180.0)
+    pump_until(pump, lambda: s.jobs[-1].job_id != "", timeout=60)
+    item = s.jobs[-1]
+    job = item.job_id
+    assert item.state in ("queued", "running", "done") and item.message == "" and len(s.jobs) == n_jobs + 1
+    with Client(backend) as client:
+        made = [j for j in client.request("list").body["jobs"] if j["spec"]["prompt"] == "a lost-reply lantern"]
+        assert [j["id"] for j in made] == [job], "the resent submit made a second job"
+        assert client.request("submit", {"key": key}).body["jobs"] == [job]  # the key is the item's token
+
+    # Blender restarted while two items were 'submitting': one the server made, one it never received
+    first = s.jobs[-1]
+    first.job_id, first.state = "", "submitting"
+    ghost = s.jobs.add()
+    ghost.pipeline, ghost.prompt, ghost.state, ghost.submission = "generate", "never sent", "submitting", "0" * 32
+    submits.forget()
+    jobs.forget_submission(key)
+    pump_until(pump, lambda: s.jobs[-2].state != "submitting" and s.jobs[-1].state != "submitting", timeout=60)
+    assert s.jobs[-2].job_id == job and s.jobs[-2].state in ("queued", "running")  # tracked again: not a ghost
+    assert s.jobs[-1].state == "lost" and "never received" in s.jobs[-1].message
+    s.jobs.remove(len(s.jobs) - 1)
+    s.active_job = len(s.jobs) - 1
+    assert bpy.ops.psd3d.cancel() == {"FINISHED"}
+    pump_until(pump, lambda: jobs_settled(s))

@@ -190,7 +190,7 @@ def test_tags_and_slugs():
 BPY_LAYERS = (
     {"connection", "jobs", "notices"},  # the session, the job index, notices and redraws
     {"props", "scene"},  # settings; snapshots into Blender data
-    {"assets"},  # batch results as assets
+    {"assets", "submits"},  # batch results as assets; submits tracked or never delivered
     {"results"},  # a finished job's files
     {"pump"},  # the timer: events into the scene
     {"operators"},

@@ -62,12 +62,29 @@ def new_submission() -> str:
     return token
 
 
+def submission_items(token: str) -> list:
+    """The job items still waiting for a submission's reply, by their index in it."""
+    return sorted((item for _, item in job_items() if item.submission == token and item.state == "submitting"),
+                  key=lambda item: item.index)
+
+
 def end_submission(token: str) -> list:
     """The job items of a submission (by their index in it), which no longer waits for its reply."""
     _submissions.discard(token)
-    return sorted((item for _, item in job_items() if item.submission == token), key=lambda item: item.index)
+    return submission_items(token)
+
+
+def resume_submission(token: str) -> None:
+    """A submission of the open file waits for a reply again (its key was sent once more)."""
+    _submissions.add(token)
+
+
+def forget_submission(token: str) -> None:
+    """No reply will come for this request: its items are unanswered again (and asked about again)."""
+    _submissions.discard(token)
 
 
 def unanswered() -> list:
-    """Items still "submitting" whose reply cannot come any more (the file was closed and reopened)."""
+    """Items still "submitting" whose reply this Blender no longer awaits (the file was reopened, Blender
+    restarted): ``submits`` asks the backend about them by their key (the submission token)."""
     return [item for _, item in job_items() if item.state == "submitting" and item.submission not in _submissions]

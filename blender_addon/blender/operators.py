@@ -12,11 +12,10 @@ import numpy as np
 
 from protocol.errors import Psd3dError
 
-from ..core import frames, library, text
-from . import assets, connection, jobs, notices, pump, results, scene
+from ..core import frames, library
+from . import assets, connection, jobs, notices, pump, results, scene, submits
 from .notices import messages  # noqa: F401  (scripts/blender_demo.py reads operators.messages)
 
-SUBMIT_TIMEOUT = 180.0  # a backend's first submit loads its tokenizer; the pump never waits on it
 
 
 def spec_fields(s) -> dict:
@@ -62,24 +61,9 @@ def add_job(s, pipeline: str, prompt: str, location, submission: str, index: int
 def submit(session, kind: str, body: dict, arrays: dict | None, submission: str, on_jobs=None,
            batch: str = "") -> None:
     """Send a submit on ``session`` (``connection.session()``, which raises ``AddressError`` for a
-    malformed address) for the items listed under ``submission``; when the reply arrives (in the pump)
-    they get their job ids (in the order of their ``index``) and ``on_jobs(items)`` runs, or they are
-    marked failed with the reason. ``batch``: the batch the items belong to when the add-on sends a
-    batch as one submit per prop (else the server's batch id, if any)."""
-    def ok(msg):
-        ids = msg.body["jobs"]
-        items = list(zip(jobs.end_submission(submission), ids))
-        for item, job in items:
-            item.job_id, item.batch, item.state = job, batch or msg.body.get("batch") or "", "queued"
-        if on_jobs is not None:
-            on_jobs([item for item, _ in items])
-
-    def failed(exc):
-        for item in jobs.end_submission(submission):
-            item.state, item.message = "failed", f"[submit] {text.without_paths(str(exc))}"
-        notices.post(f"{kind} refused: {exc}")
-
-    session.request("submit", body, arrays=arrays, on_reply=ok, on_error=failed, timeout=SUBMIT_TIMEOUT)
+    malformed address) for the items listed under ``submission``, keyed by it: ``submits.submit``
+    (a lost reply is followed by the same submit again; ids, ``on_jobs`` and ``batch`` as there)."""
+    submits.submit(session, kind, body, arrays, submission, on_jobs, batch)
     pump.ensure_timer()
 
 
@@ -159,7 +143,8 @@ class PSD_OT_refine(_Op, bpy.types.Operator):
         for obj_name, job_fields, arrays, uv_map in requests:
             size = arrays["texture"].shape[1::-1] if "texture" in arrays else (1024, 1024)
             submission = jobs.new_submission()
-            add_job(s, "refine", job_fields["prompt"], tuple(bpy.data.objects[obj_name].location), submission)
+            item = add_job(s, "refine", job_fields["prompt"], tuple(bpy.data.objects[obj_name].location), submission)
+            item.target, item.uv_map = obj_name, uv_map
 
             def acknowledged(items, obj_name=obj_name, arrays=arrays, uv_map=uv_map, size=size):
                 target = bpy.data.objects.get(obj_name)

@@ -48,7 +48,9 @@ class PSD_JobItem(bpy.types.PropertyGroup):
                                   description="Where the prop appears (the 3D cursor when submitted)")
     index: IntProperty(name="Index", description="Position in its batch")
     submission: StringProperty(name="Submission", options={"HIDDEN"},
-                               description="The submit request that asked for this job (until its id arrives)")
+                               description="The submit request that asked for this job, also its idempotency key")
+    target: StringProperty(name="Target", options={"HIDDEN"}, description="The object a refine job textures")
+    uv_map: StringProperty(name="UV Map", options={"HIDDEN"}, description="The UV map a refine job was sent with")
     results_dir: StringProperty(name="Results", subtype="DIR_PATH",
                                 description="Where the job's files (GLB, preview, reward curve, metrics) were saved")
 

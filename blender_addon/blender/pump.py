@@ -15,7 +15,7 @@ from protocol.events import Done, Failed, MeshSnapshot, Progress, TextureSnapsho
 from protocol.session import JobEvent
 
 from ..core import frames, pixels, text
-from . import assets, connection, jobs, notices, results, scene
+from . import assets, connection, jobs, notices, results, scene, submits
 from .jobs import find_job, job_items
 
 ACTIVE_INTERVAL = 0.05  # seconds between ticks while jobs run
@@ -88,11 +88,9 @@ def pump(budget: float = 0.0) -> float:
     for sc in bpy.data.scenes:
         if not sc.psd3d.defaults_applied:
             sc.psd3d.apply_defaults(connection.prefs())
-    for item in jobs.unanswered():
-        item.state, item.message = "lost", "the file was closed before the backend answered its submit; submit again"
     open_jobs = [(sc, item) for sc, item in job_items() if item.active and item.job_id]
     sess = connection.current()
-    if not open_jobs and sess is None:
+    if not open_jobs and sess is None and not jobs.unanswered() and not submits.waiting():
         return ACTIVE_INTERVAL if _converter.pending() else IDLE_INTERVAL
     link_since = connection.link.since
     try:
@@ -101,6 +99,7 @@ def pump(budget: float = 0.0) -> float:
         if connection.link.since != link_since:
             notices.redraw()
         return IDLE_INTERVAL
+    submits.resume(sess)  # lost replies: the same submits again; reopened files' submits: asked about by key
     for _, item in open_jobs:
         if item.job_id not in sess.jobs:
             sess.follow(item.job_id, after=item.last_seq)
