@@ -12,11 +12,12 @@ from dataclasses import dataclass, field, replace
 from protocol.errors import UnknownNameError
 from backend.psd.distill import DecodeConfig, GuidanceConfig, SecondNoise
 from backend.psd.loading import Layout, fetch_command, locate, models_dir, size_on_disk
+from backend.psd.mvdream import MVDreamSource
 from backend.psd.negative import NegativeConfig
 from backend.psd.prior import PriorSource
 from backend.psd.rewards import HpsSource, PickScoreSource, RewardSource
 from backend.psd.schedule import DdimLikeSchedule
-from backend.psd.tiny import TINY_CLIP_ARCH, TINY_NAME
+from backend.psd.tiny import TINY_CLIP_ARCH, TINY_MVDREAM_CHECKPOINT, TINY_MVDREAM_CONFIG, TINY_NAME
 from backend.pipelines.geometry_stage import GeometrySettings
 from backend.pipelines.texture_stage import TextureSettings
 
@@ -27,12 +28,16 @@ class ModelSet:
     target_reward: RewardSource
     unseen_rewards: tuple[RewardSource, ...] = ()
     build_tiny: bool = False  # build the tiny models under $PSD3D_HOME before loading
+    mvdream: MVDreamSource | None = None  # the multi-view prior of the coarse stage
 
     def sources(self) -> list[tuple[str, str, Layout]]:
-        """(role, source, layout) of every file set this model set loads."""
+        """(role, source, layout) of every file set this model set loads, each once."""
         found = self.prior.sources() + self.target_reward.sources("target reward")
         for reward in self.unseen_rewards:
             found += reward.sources("unseen reward")
+        if self.mvdream is not None:
+            listed = {(source, layout) for _, source, layout in found}  # MVDream's SD 2.1 base is the prior's
+            found += [row for row in self.mvdream.sources() if row[1:] not in listed]
         return found
 
 
@@ -65,17 +70,21 @@ class Preset:
 
 
 _TINY_ROOT = TINY_NAME  # resolved under $PSD3D_HOME/models
+_TINY_PRIOR = PriorSource(model=f"{_TINY_ROOT}/sd", tiny_decoder=f"{_TINY_ROOT}/taesd")
 TINY_MODELS = ModelSet(
-    prior=PriorSource(model=f"{_TINY_ROOT}/sd", tiny_decoder=f"{_TINY_ROOT}/taesd"),
+    prior=_TINY_PRIOR,
     target_reward=HpsSource(arch=TINY_CLIP_ARCH, checkpoint=f"{_TINY_ROOT}/hps/HPS_v2.1_compressed.pt",
                             model_config=f"{_TINY_ROOT}/hps/{TINY_CLIP_ARCH}.json"),
     unseen_rewards=(PickScoreSource(model=f"{_TINY_ROOT}/pickscore", processor=f"{_TINY_ROOT}/pickscore"),),
     build_tiny=True,
+    mvdream=MVDreamSource(checkpoint=f"{_TINY_ROOT}/{TINY_MVDREAM_CHECKPOINT}",
+                          config=f"{_TINY_ROOT}/{TINY_MVDREAM_CONFIG}", base=_TINY_PRIOR),
 )
 SD21_MODELS = ModelSet(
     prior=PriorSource(),
     target_reward=HpsSource(),
     unseen_rewards=(PickScoreSource(),),
+    mvdream=MVDreamSource(),  # MVDream/MVDream:sd-v2.1-base-4view.pt with backend/psd/mvdream_sd21.yaml
 )
 
 PRESETS: dict[str, Preset] = {

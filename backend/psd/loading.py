@@ -176,3 +176,16 @@ def _hub_cache_dir() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
+
+
+def file_path(location: str, local_only: bool) -> str:
+    """A single file as :func:`load_or_explain` hands it to a loader: a local path as it is,
+    ``owner/name:file`` from the hub cache (or the hub unless ``local_only``). OSError if absent."""
+    if Path(location).is_file():
+        return location
+    file_source = split_file_source(location)
+    if file_source is None:
+        raise OSError(f"no file at {location} (a hub file is written 'owner/name:file')")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(*file_source, local_files_only=local_only)

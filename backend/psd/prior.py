@@ -136,6 +136,46 @@ def load_tokenizer(source: PriorSource):
                            Layout.DIFFUSERS_PIPELINE)
 
 
+@dataclass
+class PriorParts:
+    """The modules of a Stable Diffusion folder (and its TAESD), loaded on the CPU."""
+
+    unet: object | None  # None: loaded without its UNet (MVDream brings its own)
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    alphas_cumprod: torch.Tensor
+    tiny_decoder: object | None
+
+
+def load_prior_parts(source: PriorSource, dtype: torch.dtype = torch.float32, with_unet: bool = True) -> PriorParts:
+    """Every module ``source`` names, through :func:`load_or_explain` (field ``preset.prior``)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def load(location: str, local_only: bool):
+        kw = dict(local_files_only=local_only)
+        unet = (UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype, **kw)
+                if with_unet else None)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
+        text = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype, **kw)
+        tok = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+        sched = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kw)
+        return unet, vae, text, tok, sched
+
+    unet, vae, text, tok, sched = load_or_explain("diffusion prior", source.model, "preset.prior", load, Layout.DIFFUSERS_PIPELINE)
+    tiny = None
+    if source.tiny_decoder is not None:
+        tiny = load_or_explain(
+            "tiny reward-path decoder (AutoencoderTiny)",
+            source.tiny_decoder,
+            "preset.tiny_decoder",
+            lambda loc, lo: AutoencoderTiny.from_pretrained(loc, torch_dtype=dtype, local_files_only=lo),
+            Layout.DIFFUSERS_MODEL,
+        )
+    return PriorParts(unet, vae, text, tok, sched.alphas_cumprod, tiny)
+
+
 class DiffusionPrior:
     """A frozen latent diffusion model used as a score function."""
 
@@ -160,30 +200,15 @@ class DiffusionPrior:
     def from_pretrained(
         cls, source: PriorSource, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> "DiffusionPrior":
-        from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        parts = load_prior_parts(source, dtype)
+        return cls.from_parts(parts.unet, parts, device)
 
-        def load(location: str, local_only: bool):
-            kw = dict(local_files_only=local_only)
-            unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=dtype, **kw)
-            vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
-            text = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype, **kw)
-            tok = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
-            sched = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kw)
-            return unet, vae, text, tok, sched
-
-        unet, vae, text, tok, sched = load_or_explain("diffusion prior", source.model, "preset.prior", load, Layout.DIFFUSERS_PIPELINE)
-        tiny = None
-        if source.tiny_decoder is not None:
-            tiny = load_or_explain(
-                "tiny reward-path decoder (AutoencoderTiny)",
-                source.tiny_decoder,
-                "preset.tiny_decoder",
-                lambda loc, lo: AutoencoderTiny.from_pretrained(loc, torch_dtype=dtype, local_files_only=lo),
-                Layout.DIFFUSERS_MODEL,
-            )
-        modules = [m.to(device) for m in (unet, vae, text)]
-        return cls(*modules, tok, sched.alphas_cumprod, tiny.to(device) if tiny is not None else None)
+    @classmethod
+    def from_parts(cls, unet, parts: PriorParts, device: torch.device | str = "cpu") -> "DiffusionPrior":
+        """A prior of ``unet`` with the VAE, text encoder, tokenizer, schedule and TAESD of ``parts``."""
+        modules = [m.to(device) for m in (unet, parts.vae, parts.text_encoder)]
+        tiny = parts.tiny_decoder.to(device) if parts.tiny_decoder is not None else None
+        return cls(*modules, parts.tokenizer, parts.alphas_cumprod, tiny)
 
     # -- properties ------------------------------------------------------------------------
     @property

@@ -1,11 +1,14 @@
 """The ``tiny`` models: random-initialised, seeded twins of the real model classes.
 
-They are built once into ``$PSD3D_HOME/models/tiny-v1/`` with ``save_pretrained`` /
+They are built once into ``$PSD3D_HOME/models/tiny-v2/`` with ``save_pretrained`` /
 ``torch.save`` in exactly the real on-disk layouts — a diffusers folder with
 ``model_index.json`` (Stable Diffusion layout), an ``AutoencoderTiny`` folder (TAESD
-layout), an HPS checkpoint ``{'state_dict': ...}`` of an open_clip model, and a
-transformers ``CLIPModel`` folder (PickScore layout) — and then loaded back through the
-same ``from_pretrained`` code as the real weights. Only the paths differ.
+layout), an HPS checkpoint ``{'state_dict': ...}`` of an open_clip model, a
+transformers ``CLIPModel`` folder (PickScore layout), and an MVDream UNet as the original
+``sd-v2.1-base-4view.pt`` holds it (one flat state dict, ``model.diffusion_model.*`` in LDM
+names) with an original-format yaml — and then loaded back through the same code as the
+real weights. Only the paths differ. The version in the folder name changes whenever the
+set of twins does, so a cache built by an older psd3d is rebuilt, not misread.
 """
 
 from __future__ import annotations
@@ -18,12 +21,24 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from backend.psd.loading import models_dir
+from backend.psd.mvdream import ldm_state_dict, unet_from_params
 
-TINY_NAME = "tiny-v1"
+TINY_NAME = "tiny-v2"  # v2: adds mvdream/
 TINY_CLIP_ARCH = "psd3d-tiny-clip"
 SEED = 0
+TINY_MVDREAM_CHECKPOINT = "mvdream/sd-tiny-4view.pt"
+TINY_MVDREAM_CONFIG = "mvdream/sd-tiny.yaml"
+# MultiViewUNetModel arguments of the tiny MVDream (the keys of MVDream's configs/sd-v2-base.yaml): the
+# tiny SD UNet's channels, heads and text width, so it shares tiny-v2/sd's VAE and text encoder.
+TINY_MVDREAM_UNET = {
+    "image_size": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
+    "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 8, "use_spatial_transformer": True,
+    "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": 32, "use_checkpoint": False,
+    "legacy": False, "camera_dim": 16,
+}
 
 
 def tiny_root() -> Path:
@@ -144,3 +159,19 @@ def build_tiny_models(root: Path) -> None:
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     ).save_pretrained(root / "pickscore")
+
+    torch.manual_seed(SEED + 4)
+    build_tiny_mvdream(root)
+
+
+def build_tiny_mvdream(root: Path) -> None:
+    """The tiny MVDream as the original files are: a flat ``.pt`` state dict with the UNet under
+    ``model.diffusion_model.`` (LDM names) and a config in the format of MVDream's sd-v2-base.yaml."""
+    (root / TINY_MVDREAM_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ldm_state_dict(unet_from_params(TINY_MVDREAM_UNET)), root / TINY_MVDREAM_CHECKPOINT)
+    config = {"model": {"target": "mvdream.ldm.interface.LatentDiffusionInterface", "params": {
+        "linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "scale_factor": 0.18215,
+        "parameterization": "eps",
+        "unet_config": {"target": "mvdream.ldm.modules.diffusionmodules.openaimodel.MultiViewUNetModel",
+                        "params": TINY_MVDREAM_UNET}}}}
+    (root / TINY_MVDREAM_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
