@@ -9,6 +9,11 @@ of Eq. 12 (or Eq. 14 / Eq. 22). The caller applies it with
 The prior needs ``num_train_timesteps``, ``alpha_sigma(t)``, ``predict_eps(x_t, t, cond)``
 and ``decode_for_reward(latents, **decode)``; the reward needs ``score(images, text_features)``.
 The real :class:`~backend.psd.prior.DiffusionPrior` and the analytic test bed both fit.
+
+Multi-view priors (MVDream) see ``views`` consecutive rows per object, each with its camera
+(``predict_eps(x_t, t, cond, camera=...)``): one t per object, both noisings cover all of an
+object's views, a noising's reward is the mean over its views, and the winner, beta_r and the
+negative embedding's reward are per object.
 """
 
 from __future__ import annotations
@@ -83,131 +88,191 @@ class StepOutput:
     grad: torch.Tensor  # (N,C,h,w) w(t) * direction, to apply to x_c
     t: torch.Tensor  # (N,)
     pair: bool  # True on steps that ran the win/lose pair
-    reward_w: torch.Tensor | None = None  # (N,)
+    reward_w: torch.Tensor | None = None  # (G,) per object: the mean over its views
     reward_l: torch.Tensor | None = None
-    beta_r: torch.Tensor | None = None
+    beta_r: torch.Tensor | None = None  # (G,)
     negative_reward: float | None = None  # reward of x0_w before the n update
 
 
+@dataclass(kw_only=True)
+class Noising:
+    """One noising of the batch (Alg. 1 line 3) and what the prior says about it:
+    ``x = a_t x_c + s_t eps``, ``eps_y = eps(x, y)`` and ``eps_n = eps(x, n)`` (line 7), and the
+    reward of its one-step prediction, one per object (line 7; the mean over the object's views)."""
+
+    eps: torch.Tensor
+    x: torch.Tensor
+    eps_y: torch.Tensor | None = None
+    eps_n: torch.Tensor | None = None
+    reward: torch.Tensor | None = None
+
+    def guided(self, gamma: float) -> torch.Tensor:
+        """eps~ of Eq. 3 at this noising."""
+        return G.cfg(self.eps_y, self.eps_n, gamma)
+
+
+_ROWS = ("eps", "x", "eps_y", "eps_n")
+
+
+def winner_and_loser(first: Noising, second: Noising, views: int) -> tuple[Noising, Noising]:
+    """Per object, the noising whose one-step prediction the reward prefers (Alg. 1 line 7; ties
+    go to the first) and the other. An object's views win or lose together."""
+    win = G.winner_mask(first.reward, second.reward).repeat_interleave(views)
+    w = Noising(**{f: G.pick(win, getattr(first, f), getattr(second, f)) for f in _ROWS},
+                reward=torch.maximum(first.reward, second.reward))
+    l = Noising(**{f: G.pick(win, getattr(second, f), getattr(first, f)) for f in _ROWS},  # noqa: E741
+                reward=torch.minimum(first.reward, second.reward))
+    return w, l
+
+
+def per_object(x: torch.Tensor, views: int) -> torch.Tensor:
+    """(G*V, ...) -> (G, V*...): an object's views as one sample, for beta_r's norms."""
+    return x.reshape(x.shape[0] // views, -1)
+
+
+def object_mean(r: torch.Tensor, views: int) -> torch.Tensor:
+    """(G*V,) per-view values -> (G,) per object."""
+    return r.reshape(-1, views).mean(dim=1)
+
+
 class ScoreDistiller:
-    """Per-run state and the step of Algorithm 1 (and its baselines)."""
+    """Per-run state and the step of Algorithm 1 (and its baselines).
+
+    ``views``: rows per object (MVDream: 4); the batch is G objects x ``views``, an object's
+    rows consecutive, as the multi-view prior wants them."""
 
     def __init__(self, prior, reward, text_features: torch.Tensor, y: torch.Tensor,
-                 negative: NegativeEmbedding, config: GuidanceConfig, generator: torch.Generator) -> None:
+                 negative: NegativeEmbedding, config: GuidanceConfig, generator: torch.Generator,
+                 *, views: int = 1) -> None:
         self.prior, self.reward, self.config = prior, reward, config
         self.text_features = text_features
         self.y = y  # (1,L,D)
         self.negative = negative
         self.generator = generator
+        self.views = views
 
     def _randn(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.generator, dtype=torch.float32).to(like.device)
 
-    def _eps(self, xs: list[torch.Tensor], t: torch.Tensor, conds: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, camera: torch.Tensor | None) -> torch.Tensor:
+        if camera is None:
+            return self.prior.predict_eps(x, t, cond)
+        return self.prior.predict_eps(x, t, cond, camera=camera)
+
+    def _eps(self, xs: list[torch.Tensor], t: torch.Tensor, conds: list[torch.Tensor],
+             camera: torch.Tensor | None) -> list[torch.Tensor]:
         """One batched UNet call over every (x, cond) pair; returns the chunks in order."""
         n = xs[0].shape[0]
         x = torch.cat(xs)
         cond = torch.cat([c.expand(n, *c.shape[1:]) for c in conds])
+        cams = None if camera is None else camera.repeat(len(xs), 1)
         with torch.no_grad():
-            out = self.prior.predict_eps(x, t.repeat(len(xs)), cond)
+            out = self._predict(x, t.repeat(len(xs)), cond, cams)
         return list(out.chunk(len(xs)))
 
     def is_pair_step(self, step: int) -> bool:
         return self.config.method is not Method.SDS and step % self.config.interval == 0
 
-    def step(self, x_c: torch.Tensor, t: torch.Tensor, step: int, y: torch.Tensor | None = None) -> StepOutput:
-        """x_c (N,C,h,w) clean latents; t (N,) integer timesteps; step the iteration index;
-        ``y`` (N,L,D) per-view prompt embeddings (view-dependent prompts), default the run's."""
+    def step(self, x_c: torch.Tensor, t: torch.Tensor, step: int, y: torch.Tensor | None = None,
+             camera: torch.Tensor | None = None) -> StepOutput:
+        """x_c (N,C,h,w) clean latents; t (N,) integer timesteps (equal within an object); step the
+        iteration index; ``y`` (N,L,D) per-view prompt embeddings (view-dependent prompts), default
+        the run's; ``camera`` (N,16) for a multi-view prior."""
         cfg = self.config
         y = self.y if y is None else y
         x0 = x_c.detach().float()
         if not torch.isfinite(x0).all():
             raise NumericalError(f"step {step}: the latent holds NaN or inf")
+        if x0.shape[0] % self.views:
+            raise ValueError(f"{x0.shape[0]} rows are not whole objects of {self.views} views")
         a, s = self.prior.alpha_sigma(t)
         n = self.negative.value.detach()
-        eps1 = self._randn(x0)
-        x1 = G.add_noise(x0, eps1, a, s)
+        first = self._noising(x0, self._randn(x0), a, s)  # Alg. 1 line 3
 
         if not self.is_pair_step(step):  # plain SDS, Eq. 14
-            eps_y, eps_n = self._eps([x1, x1], t, [y, n])
-            eps_cfg = G.cfg(eps_y, eps_n, cfg.guidance_scale)
-            grad = G.step_weight(cfg.weighting, s, eps_cfg, eps1) * G.sds_direction(eps_cfg, eps1)
+            first.eps_y, first.eps_n = self._eps([first.x, first.x], t, [y, n], camera)
+            guided = first.guided(cfg.guidance_scale)
+            grad = G.step_weight(cfg.weighting, s, guided, first.eps) * G.sds_direction(guided, first.eps)
             return StepOutput(grad=grad, t=t, pair=False)
 
-        eps2 = self._second_noise(x0, t, y)
-        x2 = G.add_noise(x0, eps2, a, s)
+        second = self._noising(x0, self._second_noise(x0, t, y, camera), a, s)
         update_n = cfg.method is Method.PSD and self.negative.trainable(step)
+        neg_r = None
         if update_n and cfg.reuse_winner_forward:
-            (eps_y1, eps_y2, eps_n1, eps_n2), (r1, r2), neg_r = self._rank_and_update_n(x1, x2, t, a, s, step, y)
+            neg_r = self._rank_and_update_n(first, second, t, a, s, step, y, camera)
         else:
             # Alg. 1 line 7 + section 3.1: one batched call gives eps(x_i, y) and eps(x_i, n) for both.
-            eps_y1, eps_y2, eps_n1, eps_n2 = self._eps([x1, x2, x1, x2], t, [y, y, n, n])
-            r1, r2 = self._rank(x1, x2, eps_y1, eps_y2, eps_n1, eps_n2, a, s)
-            neg_r = None
-        cfg1, cfg2 = G.cfg(eps_y1, eps_n1, cfg.guidance_scale), G.cfg(eps_y2, eps_n2, cfg.guidance_scale)
-        win = G.winner_mask(r1, r2)
-        pw = lambda u, v: G.pick(win, u, v)  # noqa: E731 - winner's / loser's value
-        x_w, eps_w, eps_l = pw(x1, x2), pw(eps1, eps2), pw(eps2, eps1)
-        eps_y_w, eps_y_l = pw(eps_y1, eps_y2), pw(eps_y2, eps_y1)
-        eps_n_w = pw(eps_n1, eps_n2)
-        cfg_w, cfg_l = pw(cfg1, cfg2), pw(cfg2, cfg1)
-        r_w, r_l = torch.maximum(r1, r2), torch.minimum(r1, r2)
+            first.eps_y, second.eps_y, first.eps_n, second.eps_n = self._eps(
+                [first.x, second.x, first.x, second.x], t, [y, y, n, n], camera)
+            self._rank(first, second, a, s)
+        w, l = winner_and_loser(first, second, self.views)  # noqa: E741
+        guided_w, guided_l = w.guided(cfg.guidance_scale), l.guided(cfg.guidance_scale)
 
         beta = None
         if cfg.method is Method.DREAMDPO:
-            direction = G.dreamdpo_direction(cfg_w, eps_w, cfg_l, eps_l)
-        else:
-            d_gen = G.delta_gen(eps_n_w, eps_w)
-            d_cls = G.delta_cls(eps_y_w, eps_n_w, eps_y_l, cfg.cls_form)
-            d_pref = G.delta_pref(cfg_w, cfg_l, eps_w, eps_l, cfg.pref_form)
-            beta = G.beta_r(d_cls, d_pref, r_w, r_l, cfg.guidance_scale, cfg.reward_scale)
+            direction = G.dreamdpo_direction(guided_w, w.eps, guided_l, l.eps)
+        else:  # Alg. 1 lines 8-10, Eq. 12
+            d_gen = G.delta_gen(w.eps_n, w.eps)
+            d_cls = G.delta_cls(w.eps_y, w.eps_n, l.eps_y, cfg.cls_form)
+            d_pref = G.delta_pref(guided_w, guided_l, w.eps, l.eps, cfg.pref_form)
+            beta = G.beta_r(per_object(d_cls, self.views), per_object(d_pref, self.views), w.reward, l.reward,
+                            cfg.guidance_scale, cfg.reward_scale)
             if not cfg.preference_guidance:
                 beta = torch.zeros_like(beta)
-            direction = G.psd_direction(d_gen, d_cls, d_pref, cfg.guidance_scale, beta)
-        grad = G.step_weight(cfg.weighting, s, cfg_w, eps_w) * direction
+            direction = G.psd_direction(d_gen, d_cls, d_pref, cfg.guidance_scale, beta.repeat_interleave(self.views))
+        grad = G.step_weight(cfg.weighting, s, guided_w, w.eps) * direction
         if not torch.isfinite(grad).all():
             raise NumericalError(f"step {step}: the guidance holds NaN or inf (t={t.tolist()})")
 
         if update_n and not cfg.reuse_winner_forward:  # Alg. 1 line 11, Eq. 13
-            neg_r = self.negative.update(self.prior, self.reward, self.text_features, x_w, t, eps_y_w,
-                                         cfg.reward_gamma, vars(cfg.decode), step)
-        return StepOutput(grad=grad, t=t, pair=True, reward_w=r_w, reward_l=r_l, beta_r=beta, negative_reward=neg_r)
+            neg_r = self.negative.update(self.prior, self.reward, self.text_features, w.x, t, w.eps_y,
+                                         cfg.reward_gamma, vars(cfg.decode), step, camera=camera)
+        return StepOutput(grad=grad, t=t, pair=True, reward_w=w.reward, reward_l=l.reward, beta_r=beta,
+                          negative_reward=neg_r)
 
-    def _rank(self, x1, x2, eps_y1, eps_y2, eps_n1, eps_n2, a, s) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards (N,) of both samples' one-step predictions x0 = Tweedie(x_i, eps~_i) (Alg. 1 line 7)."""
+    @staticmethod
+    def _noising(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> Noising:
+        return Noising(eps=eps, x=G.add_noise(x0, eps, a, s))
+
+    def _score(self, x0hat: torch.Tensor) -> torch.Tensor:
+        """Reward of one-step predictions (N,C,h,w) -> (N,) per view, float32."""
+        return self.reward.score(self.prior.decode_for_reward(x0hat, **vars(self.config.decode)),
+                                 self.text_features).float()
+
+    def _rank(self, first: Noising, second: Noising, a, s) -> None:
+        """Rewards of both noisings' one-step predictions x0 = Tweedie(x_i, eps~_i) (Alg. 1 line 7)."""
         g = self.config.reward_gamma
         with torch.no_grad():
-            x0hat = G.tweedie_x0(torch.cat([x1, x2]), torch.cat([G.cfg(eps_y1, eps_n1, g), G.cfg(eps_y2, eps_n2, g)]),
+            x0hat = G.tweedie_x0(torch.cat([first.x, second.x]), torch.cat([first.guided(g), second.guided(g)]),
                                  a.repeat(2, 1, 1, 1), s.repeat(2, 1, 1, 1))
-            images = self.prior.decode_for_reward(x0hat, **vars(self.config.decode))
-            r1, r2 = self.reward.score(images, self.text_features).float().chunk(2)
-        return r1, r2
+            r1, r2 = self._score(x0hat).chunk(2)
+        first.reward, second.reward = object_mean(r1, self.views), object_mean(r2, self.views)
 
-    def _rank_and_update_n(self, x1, x2, t, a, s, step, y):
+    def _rank_and_update_n(self, first: Noising, second: Noising, t, a, s, step, y, camera) -> float:
         """Rank the pair and take the n step (Eq. 13) from one forward: the n branch, Tweedie,
-        decode and reward of each sample keep their graphs; only the winners' rewards are
-        backpropagated (a sample set that won no view is never traversed)."""
+        decode and reward of each noising keep their graphs; only the winners' rewards are
+        backpropagated (a noising that won no object is never traversed)."""
         g = self.config.reward_gamma
-        eps_y1, eps_y2 = self._eps([x1, x2], t, [y, y])
+        first.eps_y, second.eps_y = self._eps([first.x, second.x], t, [y, y], camera)
         n = self.negative.value
-        eps_n, rewards = [], []
+        rewards = []
         with torch.enable_grad():
-            for x_i, eps_y in ((x1, eps_y1), (x2, eps_y2)):
-                e_n = self.prior.predict_eps(x_i, t, n.expand(x_i.shape[0], *n.shape[1:]))
-                x0hat = G.tweedie_x0(x_i, G.cfg(eps_y, e_n, g), a, s)
-                r = self.reward.score(self.prior.decode_for_reward(x0hat, **vars(self.config.decode)), self.text_features)
-                eps_n.append(e_n)
-                rewards.append(r.float())
+            for noising in (first, second):
+                noising.eps_n = self._predict(noising.x, t, n.expand(noising.x.shape[0], *n.shape[1:]), camera)
+                x0hat = G.tweedie_x0(noising.x, noising.guided(g), a, s)
+                rewards.append(object_mean(self._score(x0hat), self.views))
             win = G.winner_mask(rewards[0].detach(), rewards[1].detach())
             terms = [r[m].sum() for r, m in ((rewards[0], win), (rewards[1], ~win)) if m.any()]
             neg_r = self.negative.ascend(sum(terms) / win.numel(), step)
-        return (eps_y1, eps_y2, eps_n[0].detach(), eps_n[1].detach()), (rewards[0].detach(), rewards[1].detach()), neg_r
+        for noising, r in zip((first, second), rewards):
+            noising.eps_n, noising.reward = noising.eps_n.detach(), r.detach()
+        return neg_r
 
-    def _second_noise(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _second_noise(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, camera: torch.Tensor | None) -> torch.Tensor:
         if self.config.second_noise is SecondNoise.RANDOM:
             return self._randn(x0)
         s_t = (t + self.config.predicted_noise_offset).clamp(max=self.prior.num_train_timesteps - 1)
         a, s = self.prior.alpha_sigma(s_t)
         x_s = G.add_noise(x0, self._randn(x0), a, s)
-        (eps,) = self._eps([x_s], s_t, [y])
+        (eps,) = self._eps([x_s], s_t, [y], camera)
         return eps

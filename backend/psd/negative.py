@@ -35,13 +35,15 @@ class NegativeConfig:
     freeze_after: int | None = None
 
 
-def negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, n, gamma: float, decode: dict) -> torch.Tensor:
+def negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, n, gamma: float, decode: dict,
+                              camera: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 13's integrand for each sample: ``r(y, x0(n))`` with
     ``x0 = (x_t - s_t eps~(n)) / a_t`` (Tweedie) and ``eps~ = eps(n) + gamma (eps(y) - eps(n))`` (Eq. 3).
     Only the n branch is recomputed with a graph; ``eps_y`` (N,C,h,w) is a constant here.
-    Returns (N,); its gradient w.r.t. n is Eq. 31-32."""
+    ``camera`` (N,16) for a multi-view prior. Returns (N,); its gradient w.r.t. n is Eq. 31-32."""
     a, s = prior.alpha_sigma(t)
-    eps_n = prior.predict_eps(x_t, t, n.expand(x_t.shape[0], *n.shape[1:]))
+    cond = n.expand(x_t.shape[0], *n.shape[1:])
+    eps_n = prior.predict_eps(x_t, t, cond) if camera is None else prior.predict_eps(x_t, t, cond, camera=camera)
     x0 = tweedie_x0(x_t, cfg(eps_y, eps_n, gamma), a, s)
     return reward.score(prior.decode_for_reward(x0, **decode), text_features)
 
@@ -83,11 +85,12 @@ class NegativeEmbedding:
             self.skipped += 1
         return float(reward.detach())
 
-    def update(self, prior, reward, text_features, x_t, t, eps_y, gamma: float, decode: dict, step: int) -> float:
-        """One Adam ascent step on Eq. 13 (mean over samples), recomputing the n branch at x_t.
-        Returns the reward before the step."""
+    def update(self, prior, reward, text_features, x_t, t, eps_y, gamma: float, decode: dict, step: int,
+               camera: torch.Tensor | None = None) -> float:
+        """One Adam ascent step on Eq. 13 (mean over samples and views), recomputing the n branch
+        at x_t. Returns the reward before the step."""
         with torch.enable_grad():
-            r = negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, self.value, gamma, decode)
+            r = negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, self.value, gamma, decode, camera)
             return self.ascend(r.mean(), step)
 
     # -- persistence: the learned n travels between jobs (appendix H.1) -------------------

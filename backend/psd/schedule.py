@@ -110,28 +110,44 @@ class LinearAnnealSchedule:
 
 @dataclass(frozen=True)
 class RandomAnnealedSchedule:
-    """t ~ U[t_min, t_max(tau)], t_max annealed linearly from ``t_max_start`` to ``t_max_end`` over the
-    first ``anneal_fraction`` of the run (threestudio's random SDS timesteps with ProlificDreamer's
-    ``[0, 0.98, 0.5, 5001]``-style annealed bound). Not a paper setting: the analytic test bed's
-    schedule, where many particles average over t."""
+    """t ~ U[t_min(tau), t_max(tau)], both bounds annealed linearly over the first
+    ``anneal_fraction`` of the run: threestudio's random SDS timesteps with annealed
+    ``min/max_step_percent: [start_iter, start, end, end_iter]``. ``t_min_end`` None keeps t_min.
+
+    MVDream's single stage (MVDream-threestudio ``configs/mvdream-sd21.yaml``,
+    ``guidance.min_step_percent: [0, 0.98, 0.02, 8000]``, ``max_step_percent: [0, 0.98, 0.50, 8000]``
+    of ``trainer.max_steps: 10000``) is :data:`MVDREAM_SCHEDULE`. The defaults here are the analytic
+    test bed's (not a paper setting), where many particles average over t."""
 
     t_min: float = T_MIN
     t_max_start: float = T_MAX
     t_max_end: float = 0.5
     anneal_fraction: float = 0.2
+    t_min_end: float | None = None
+
+    def _progress(self, step: int, total: int) -> float:
+        return min(1.0, step / max(1.0, self.anneal_fraction * total))
 
     def t_max(self, step: int, total: int) -> float:
-        frac = min(1.0, step / max(1.0, self.anneal_fraction * total))
-        return self.t_max_start + (self.t_max_end - self.t_max_start) * frac
+        return self.t_max_start + (self.t_max_end - self.t_max_start) * self._progress(step, total)
+
+    def t_low(self, step: int, total: int) -> float:
+        if self.t_min_end is None:
+            return self.t_min
+        return self.t_min + (self.t_min_end - self.t_min) * self._progress(step, total)
 
     def sample(self, step: int, total: int, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-        lo = int(self.t_min * num_train_timesteps)
-        hi = max(lo + 1, int(self.t_max(step, total) * num_train_timesteps))
-        t = torch.randint(lo, hi + 1, (1,), generator=generator)
+        lo = int(self.t_low(step, total) * num_train_timesteps)
+        hi = max(lo, int(self.t_max(step, total) * num_train_timesteps))
+        t = torch.randint(lo, min(hi, num_train_timesteps - 1) + 1, (1,), generator=generator)
         return t.expand(n).clone()
 
     def max_fraction(self) -> float:
         return max(self.t_max_start, self.t_max_end)
+
+
+MVDREAM_SCHEDULE = RandomAnnealedSchedule(t_min=0.98, t_min_end=0.02, t_max_start=0.98, t_max_end=0.50,
+                                          anneal_fraction=8000 / 10000)
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,46 @@ class OrbitSpec:
 
 
 @dataclass(frozen=True)
+class MultiViewOrbit:
+    """The cameras of a multi-view prior (MVDream): each object gets ``views`` cameras 360/views
+    degrees apart from a random azimuth, sharing one elevation, field of view and distance; the
+    distance is relative, ``d / tan(fov_y / 2)``, so the frame's half-height at the centre is d.
+    Defaults: MVDream-threestudio ``configs/mvdream-sd21.yaml`` ``data.*`` (``n_view: 4``,
+    ``elevation_range: [0, 30]``, ``fovy_range: [15, 60]``, ``camera_distance_range: [0.8, 1.0]``,
+    ``relative_radius: true``), in the frame of its radius-1 volume."""
+
+    views: int = 4
+    elevation: tuple[float, float] = (0.0, 30.0)
+    azimuth: tuple[float, float] = (-180.0, 180.0)
+    distance: tuple[float, float] = (0.8, 1.0)
+    fov_y: tuple[float, float] = (15.0, 60.0)
+    width: int = 64
+    height: int = 64
+
+    def sample(self, objects: int, generator: torch.Generator) -> list[Camera]:
+        """``objects * views`` cameras, each object's views consecutive."""
+        cams = []
+        for row in torch.rand(objects, 4, generator=generator, dtype=torch.float64).tolist():
+            el = self.elevation[0] + row[0] * (self.elevation[1] - self.elevation[0])
+            fov = self.fov_y[0] + row[2] * (self.fov_y[1] - self.fov_y[0])
+            dist = (self.distance[0] + row[3] * (self.distance[1] - self.distance[0])) / math.tan(math.radians(fov) / 2)
+            span = self.azimuth[1] - self.azimuth[0]
+            for v in range(self.views):
+                az = self.azimuth[0] + (row[1] + v) / self.views * span
+                cams.append(Camera(look_at(orbit_position(el, az, dist)), fov, self.width, self.height, az))
+        return cams
+
+    def resized(self, width: int, height: int) -> "MultiViewOrbit":
+        return replace(self, width=width, height=height)
+
+    def turntable(self, n: int, elevation: float = 15.0) -> list[Camera]:
+        fov = sum(self.fov_y) / 2
+        dist = sum(self.distance) / 2 / math.tan(math.radians(fov) / 2)
+        return [Camera(look_at(orbit_position(elevation, 360.0 * i / n, dist)), fov, self.width, self.height, 360.0 * i / n)
+                for i in range(n)]
+
+
+@dataclass(frozen=True)
 class CameraList:
     """The artist's own cameras (the other kind of rig): each step samples among them."""
 
