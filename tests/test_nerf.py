@@ -190,10 +190,10 @@ def test_extract_mesh_of_a_blob_is_closed_at_the_threshold_radius_and_bakes_its_
     # density softplus(100 (1 - |p| / 0.5)) ~ 25 at |p| = 0.375
     field = PositionalAlbedo(NerfConfig(hash_grid=SMALL_GRID, density_blob_scale=100.0))
     resolution = 32
-    verts, faces = extract_mesh(field, resolution=resolution)
-    spacing = 2.0 / resolution
-    radii = verts.norm(dim=-1)
-    assert (radii - 0.375).abs().max() < spacing
+    coarse, coarse_faces = extract_mesh(field, resolution=resolution, coarse_to_fine=False)
+    assert (coarse.norm(dim=-1) - 0.375).abs().max() < 2.0 / resolution  # the grid spacing over the box
+    verts, faces = extract_mesh(field, resolution=resolution)  # second pass over the surface's bounds + 10%
+    assert (verts.norm(dim=-1) - 0.375).abs().max() < 0.75 * 1.2 / resolution
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=1).values
     _, counts = torch.unique(edges, dim=0, return_counts=True)
     assert bool((counts == 2).all())  # closed and manifold
@@ -205,7 +205,7 @@ def test_extract_mesh_of_a_blob_is_closed_at_the_threshold_radius_and_bakes_its_
         extract_mesh(field, resolution=8, threshold=1e6)
 
     size = 512
-    baked = bake_albedo(field, Mesh(verts, faces), texture_size=size)
+    baked = bake_albedo(field, Mesh(coarse, coarse_faces), texture_size=size)  # big faces: several texels each
     assert baked.texture.shape == (size, size, 4) and baked.texture.dtype == np.uint8
     baked.validate()
     corners = baked.positions[baked.faces]
@@ -224,3 +224,18 @@ def test_extract_mesh_of_a_blob_is_closed_at_the_threshold_radius_and_bakes_its_
     save_glb(baked, tmp_path / "nerf.glb")
     loaded = load_mesh(tmp_path / "nerf.glb")
     assert loaded.texture.shape == (size, size, 4)
+
+
+class BlobAndSpeck(NerfField):
+    """A sphere of density 50 and radius 0.375, and a speck around one grid vertex away from it."""
+
+    def density(self, points):
+        speck = (points - torch.tensor([0.75, 0.75, 0.75])).norm(dim=-1) < 0.03
+        return ((points.norm(dim=-1) < 0.375) | speck).float() * 50
+
+
+def test_extract_mesh_drops_pieces_smaller_than_one_percent_of_the_faces():
+    field = BlobAndSpeck(NerfConfig(hash_grid=SMALL_GRID))
+    both, _ = extract_mesh(field, resolution=40, remove_outliers=0.0, coarse_to_fine=False)
+    kept, _ = extract_mesh(field, resolution=40, coarse_to_fine=False)
+    assert both.norm(dim=-1).max() > 0.8 and kept.norm(dim=-1).max() < 0.5

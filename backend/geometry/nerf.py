@@ -238,20 +238,38 @@ def _evaluate(fn, points: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def extract_mesh(field: NerfField, resolution: int | None = None, threshold: float | None = None,
-                 remove_outliers: float = 0.01, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+                 remove_outliers: float = 0.01, coarse_to_fine: bool = True,
+                 chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The surface where density = ``threshold`` (NerfConfig.isosurface_threshold, 25 by default)
-    by marching tetrahedra (backend/geometry/dmtet.py) on a ``resolution``^3 grid over the field's
-    box, in the field's (world) frame. Faces wound outward. Connected pieces with fewer than
-    ``remove_outliers`` of the faces are dropped (geometry/base.py isosurface_remove_outliers,
-    isosurface_outlier_n_faces_threshold 0.01). Returns positions (V,3) float32 and faces (F,3)
-    int64 on the CPU; raises InvalidInputError when no surface crosses the threshold."""
+    by marching tetrahedra (backend/geometry/dmtet.py) on a ``resolution``^3 grid
+    (NerfConfig.isosurface_resolution, 128), in the field's (world) frame, faces wound outward.
+    As threestudio's BaseImplicitGeometry.isosurface (geometry/base.py): connected pieces with
+    fewer than ``remove_outliers`` of the faces are dropped (isosurface_remove_outliers,
+    isosurface_outlier_n_faces_threshold 0.01), and with ``coarse_to_fine``
+    (isosurface_coarse_to_fine) a first pass over the whole box finds the surface's bounds, grown
+    by 10% of their size, and a second pass marches that tighter box. Returns positions (V,3)
+    float32 and faces (F,3) int64 on the CPU; raises InvalidInputError when no surface crosses
+    the threshold."""
     c = field.config
     resolution = resolution or c.isosurface_resolution
     threshold = c.isosurface_threshold if threshold is None else threshold
     require(2 <= resolution <= 512, "resolution", f"must lie in 2..512, got {resolution}")
+    box = torch.tensor([[-c.radius] * 3, [c.radius] * 3])
+    verts, faces = _isosurface(field, box, resolution, threshold, remove_outliers, chunk)
+    if coarse_to_fine:
+        lo, hi = verts.amin(0), verts.amax(0)
+        box = torch.stack([torch.maximum(lo - (hi - lo) * 0.1, box[0]), torch.minimum(hi + (hi - lo) * 0.1, box[1])])
+        verts, faces = _isosurface(field, box, resolution, threshold, remove_outliers, chunk)
+    return verts, faces
+
+
+def _isosurface(field: NerfField, box: torch.Tensor, resolution: int, threshold: float, remove_outliers: float,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One marching-tets pass over the axis-aligned ``box`` (2,3): (lower corner, upper corner)."""
     device = next(field.parameters()).device
     grid = TetGrid.cube(resolution, device)
-    points = grid.vertices * c.radius
+    lo, hi = box.to(device)
+    points = lo + (grid.vertices + 1) / 2 * (hi - lo)
     sdf = threshold - _evaluate(field.density, points, chunk)  # < 0 inside, as marching_tets expects
     verts, faces = marching_tets(points, grid.tets, sdf)
     if faces.shape[0] == 0:
@@ -261,7 +279,7 @@ def extract_mesh(field: NerfField, resolution: int | None = None, threshold: flo
     verts, faces = verts.float().cpu(), faces.cpu()
     if remove_outliers > 0:
         faces = _drop_small_components(faces, verts.shape[0], remove_outliers)
-    used, faces = torch.unique(faces, return_inverse=True)  # compact the vertices the kept faces use
+    used, faces = torch.unique(faces, return_inverse=True)  # compact to the vertices the kept faces use
     return verts[used].contiguous(), faces.reshape(-1, 3)
 
 

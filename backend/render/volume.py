@@ -62,8 +62,10 @@ class VolumeRenderConfig:
     alpha_threshold: float = 0.01
     # NerfAcc OccGridEstimator.sampling's default early_stop_eps
     early_stop_eps: float = 1e-4
-    # points per no-grad density call in the pruning pass (memory bound, not a result)
+    # points per no-grad density call in the pruning pass, and steps per block of its march
+    # (memory and speed, not results)
     chunk: int = 1 << 16
+    block_steps: int = 64
 
     @property
     def step_size(self) -> float:
@@ -287,15 +289,24 @@ def render_volume(field: VolumeField, cameras: list[Camera], config: VolumeRende
     if occupancy is not None:
         valid = valid & occupancy.lookup(o[hit][:, None, :] + d[hit][:, None, :] * mids[..., None])
 
-    # 1. pruning, without gradients: alpha and transmittance from every sample in the box
+    # 1. pruning, without gradients: alpha and transmittance of every sample in the box, marched in
+    # blocks of steps so that rays stop being evaluated once their transmittance is below
+    # early_stop_eps (the samples past that point are dropped anyway: the same set as a full pass)
     with torch.no_grad():
-        rows, cols = torch.nonzero(valid, as_tuple=True)
         o_hit, d_hit = o[hit], d[hit]
-        sigma = mids.new_zeros(len(rows))
-        for start in range(0, len(rows), config.chunk):
-            r_, c_ = rows[start:start + config.chunk], cols[start:start + config.chunk]
-            sigma[start:start + len(r_)] = field.density(o_hit[r_] + d_hit[r_] * mids[r_, c_, None])
-        sigma_delta = torch.zeros_like(mids).index_put_((rows, cols), sigma * lengths[rows, cols])
+        sigma_delta = torch.zeros_like(mids)
+        alive = torch.ones(len(hit), dtype=torch.bool, device=mids.device)
+        for b0 in range(0, mids.shape[1], config.block_steps):
+            rows, cols = torch.nonzero(valid[:, b0:b0 + config.block_steps] & alive[:, None], as_tuple=True)
+            cols = cols + b0
+            for start in range(0, len(rows), config.chunk):
+                r_, c_ = rows[start:start + config.chunk], cols[start:start + config.chunk]
+                sigma = field.density(o_hit[r_] + d_hit[r_] * mids[r_, c_, None])
+                sigma_delta[r_, c_] = sigma.to(sigma_delta.dtype) * lengths[r_, c_]
+            depth_so_far = sigma_delta[:, :b0 + config.block_steps].sum(1)
+            alive = torch.exp(-depth_so_far) >= config.early_stop_eps
+            if not bool(alive.any()):
+                break
         alpha = 1 - torch.exp(-sigma_delta)
         keep = valid & (alpha >= config.alpha_threshold) & (exclusive_transmittance(sigma_delta) >= config.early_stop_eps)
         # the kept samples packed to the left of a (R, Kmax) layout, in ray order
