@@ -227,13 +227,16 @@ def test_a_per_view_attn1_or_a_dropped_camera_fails_the_comparison(model_and_ref
 
 def test_checkpoint_keys_must_match_the_config(tmp_path):
     state, ckpt, config = random_checkpoint(tmp_path, PARAMS)
-    broken = {LDM_UNET_PREFIX + k: v for k, v in state.items() if "camera_embed.2.bias" not in k}
+    broken = {k: v for k, v in state.items() if "camera_embed.2.bias" not in k}
     broken[LDM_UNET_PREFIX + "label_emb.0.0.weight"] = torch.zeros(3)
+    broken[LDM_UNET_PREFIX + "out.2.bias"] = torch.zeros(5)
     torch.save(broken, ckpt)
     with pytest.raises(ModelNotFoundError) as err:
         load_unet(ckpt, config)
-    assert "model.diffusion_model.camera_embed.2.bias" in err.value.message
-    assert "model.diffusion_model.label_emb.0.0.weight" in err.value.message
+    message = err.value.message
+    assert "missing 1 (model.diffusion_model.camera_embed.2.bias)" in message
+    assert "unexpected 1 (model.diffusion_model.label_emb.0.0.weight)" in message
+    assert "model.diffusion_model.out.2.bias (5,) (config: (4,))" in message
 
 
 def test_ldm_names_of_the_real_config_agree_with_diffusers_converter():
@@ -331,3 +334,14 @@ def test_model_report_lists_mvdream(psd3d_home):
     assert real["mvdream config"]["present"]
     assert sum(r["source"] == SD21_MODELS.prior.model for r in by_preset["sd21-paper"]["models"]) == 1
     assert set(PRESETS) == set(by_preset)
+
+
+def test_a_missing_checkpoint_names_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSD3D_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(ModelNotFoundError) as err:
+        MultiViewPrior.from_source(SD21_MODELS.mvdream)
+    assert err.value.field == "preset.mvdream"
+    assert fetch_command("MVDream/MVDream:sd-v2.1-base-4view.pt", Layout.FILE) in err.value.message
+    assert str(tmp_path / "home" / "models" / "sd-v2.1-base-4view.pt") in err.value.message

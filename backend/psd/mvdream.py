@@ -8,8 +8,8 @@
    length, flattened row-major to 16 numbers — goes through Linear(16, 4C), SiLU, Linear(4C, 4C)
    and is added to the timestep embedding (``openaimodel.py``, ``MultiViewUNetModel.camera_embed``).
 
-Here the UNet is diffusers' ``UNet2DConditionModel`` with the camera MLP as its ``"projection"``
-class embedding and :class:`MultiViewAttnProcessor` on every attention. The original checkpoint
+Here the UNet is diffusers' ``UNet2DConditionModel`` with the camera MLP beside its time embedding
+(:class:`TimeCameraEmbedding`) and :class:`MultiViewAttnProcessor` on every attention. The original checkpoint
 (``sd-v2.1-base-4view.pt``) is one flat state dict with the UNet under ``model.diffusion_model.``
 in LDM names; :func:`ldm_name` maps each diffusers parameter to its LDM name, so loading and
 saving (the tiny twin) use one table. The VAE, text encoder and schedule are SD 2.1 base's,
@@ -29,7 +29,6 @@ from protocol.errors import InvalidInputError, ModelNotFoundError
 from backend.psd.loading import Layout, file_path, load_or_explain
 from backend.psd.prior import DiffusionPrior, PriorSource, at_least_fp32, load_prior_parts
 
-CAMERA_DIM = 16
 NUM_FRAMES = 4  # MVDream's 4-view model (sd-v2.1-base-4view)
 LDM_UNET_PREFIX = "model.diffusion_model."
 DEFAULT_MVDREAM_CHECKPOINT = "MVDream/MVDream:sd-v2.1-base-4view.pt"
@@ -277,11 +276,17 @@ def ldm_state_dict(unet: MultiViewUNet) -> dict[str, torch.Tensor]:
 
 
 def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The flat state dict (a Lightning ``{"state_dict": ...}`` wrapper is opened too)."""
     try:  # memory-mapped: only the UNet's tensors of the 5 GB file are read
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a legacy (non-zip) torch.save file cannot be mapped
         state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return state.get("state_dict", state)
+
+
+def _listed(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} ({', '.join(names[:shown])}{more})" if names else "none"
 
 
 def load_unet(checkpoint: str | Path, config: str | Path, dtype: torch.dtype = torch.float32) -> MultiViewUNet:
@@ -297,15 +302,14 @@ def load_unet(checkpoint: str | Path, config: str | Path, dtype: torch.dtype = t
         model = unet_from_params(params)
     wanted = {ldm_name(k, model.config): (k, v.shape) for k, v in model.unet.state_dict().items()}
     held = {k[len(LDM_UNET_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_UNET_PREFIX)}
-    missing = sorted(set(wanted) - set(held))
-    unexpected = sorted(set(held) - set(wanted))
-    misshapen = sorted(f"{k} {tuple(held[k].shape)} (config: {tuple(shape)})"
+    missing = sorted(LDM_UNET_PREFIX + k for k in set(wanted) - set(held))
+    unexpected = sorted(LDM_UNET_PREFIX + k for k in set(held) - set(wanted))
+    misshapen = sorted(f"{LDM_UNET_PREFIX}{k} {tuple(held[k].shape)} (config: {tuple(shape)})"
                        for k, (_, shape) in wanted.items() if k in held and held[k].shape != shape)
     if missing or unexpected or misshapen:
         raise ModelNotFoundError(
-            f"preset.mvdream: {checkpoint} is not the MVDream UNet of {config}: "
-            f"missing {[LDM_UNET_PREFIX + k for k in missing]}, unexpected {[LDM_UNET_PREFIX + k for k in unexpected]}, "
-            f"other shapes {misshapen}", field="preset.mvdream")
+            f"preset.mvdream: {checkpoint} is not the MVDream UNet of {config}: missing {_listed(missing)}; "
+            f"unexpected {_listed(unexpected)}; other shapes {_listed(misshapen)}", field="preset.mvdream")
     model.unet.load_state_dict({k: held[ldm].to(dtype) for ldm, (k, _) in wanted.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
