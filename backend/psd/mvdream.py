@@ -277,7 +277,7 @@ def ldm_state_dict(unet: MultiViewUNet) -> dict[str, torch.Tensor]:
 
 def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The flat state dict (a Lightning ``{"state_dict": ...}`` wrapper is opened too)."""
-    try:  # memory-mapped: only the UNet's tensors of the 5 GB file are read
+    try:  # memory-mapped: of a file that also holds the VAE and text encoder, only the UNet is read
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a legacy (non-zip) torch.save file cannot be mapped
         state = torch.load(path, map_location="cpu", weights_only=True)
