@@ -4,6 +4,7 @@ regularisers, mesh extraction and albedo baking (backend/geometry/nerf.py, backe
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from backend.geometry.mesh import Mesh, load_mesh, save_glb
-from backend.geometry.nerf import HashGrid, HashGridConfig, NerfConfig, NerfField, bake_albedo, extract_mesh
+from backend.geometry.nerf import (HashGrid, HashGridConfig, NerfConfig, NerfField, bake_albedo, extract_mesh,
+                                  param_groups)
 from backend.render.camera import Camera, look_at
-from backend.render.volume import (EnvironmentMapBackground, FieldOutput, OccupancyGrid, PointLight, VolumeRenderConfig,
-                                   camera_rays, opaque_loss, orientation_loss, render_volume, sparsity_loss)
+from backend.render.volume import (EnvironmentMapBackground, FieldOutput, OccupancyGrid, PointLight, ShadingSchedule,
+                                   VolumeRenderConfig, camera_rays, opaque_loss, orientation_loss, render_volume,
+                                   sample_point_lights, sparsity_loss)
 
 SMALL_GRID = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=2.0)
 
@@ -239,3 +242,33 @@ def test_extract_mesh_drops_pieces_smaller_than_one_percent_of_the_faces():
     both, _ = extract_mesh(field, resolution=40, remove_outliers=0.0, coarse_to_fine=False)
     kept, _ = extract_mesh(field, resolution=40, coarse_to_fine=False)
     assert both.norm(dim=-1).max() > 0.8 and kept.norm(dim=-1).max() < 0.5
+
+
+def test_param_groups_carry_the_configs_learning_rates():
+    field, background = small_field(), EnvironmentMapBackground()
+    groups = param_groups(field, background)
+    assert [g["lr"] for g in groups] == [0.01, 0.001, 0.001]
+    assert sum(len(g["params"]) for g in groups) == len(list(field.parameters())) + len(list(background.parameters()))
+    torch.optim.AdamW(groups, betas=(0.9, 0.99), eps=1e-15)
+
+
+def test_point_lights_and_the_shading_schedule_follow_the_shading_config():
+    cams = [Camera(look_at((2.0 * math.sin(a), 0.5, 2.0 * math.cos(a))), 40.0, 8, 8) for a in (0, 1.57, 3.14, 4.71)] * 2
+    lights = sample_point_lights(cams, torch.Generator().manual_seed(0), views_per_object=4)
+    assert lights.shape == (8, 3)
+    assert bool(((lights.norm(dim=-1) >= 0.8 - 1e-6) & (lights.norm(dim=-1) <= 1.5 + 1e-6)).all())
+    schedule, rng = ShadingSchedule(), random.Random(0)
+    assert all(schedule.light(step, lights, rng) is None for step in range(0, 5000, 500))  # ambient_only_steps
+    picks = [schedule.light(6000, lights, rng) for _ in range(400)]
+    lit = [p for p in picks if p is not None]
+    assert 0.65 < len(lit) / 400 < 0.85  # diffuse_prob 0.75
+    assert all(abs(p.ambient[0] + p.diffuse[0] - 1) < 1e-9 for p in lit)  # soft shading
+
+
+def test_a_view_that_misses_the_box_renders_the_background():
+    field = small_field()
+    away = Camera(look_at((0.0, 0.0, 3.0), target=(0.0, 0.0, 6.0)), 30.0, 8, 8)
+    out = render_volume(field, [away], VolumeRenderConfig(num_samples_per_ray=32), with_normals=True,
+                        background=torch.tensor([0.0, 1.0, 0.0]))
+    assert float(out.opacity.detach().abs().max()) == 0 and torch.equal(out.rgb.detach()[0, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    assert float(orientation_loss(out).detach()) == 0

@@ -92,8 +92,10 @@ class HashGrid(nn.Module):
         res = self.resolutions[:, None, None, None]
         dense = (gx + gy * res + gz * res * res).remainder(self.sizes[:, None, None, None])
         hashed = (gx * _PRIMES32[0] ^ gy * _PRIMES32[1] ^ gz * _PRIMES32[2]) & (self.sizes[:, None, None, None] - 1)
-        index = (torch.where(self.hashed[:, None, None, None], hashed, dense) + self.offsets[:, None, None, None]).reshape(n, -1, 8)
-        w = (wa[0][..., None, None, :] * wa[1][..., None, :, None] * wa[2][..., :, None, None]).reshape(n, -1, 8)
+        index = torch.where(self.hashed[:, None, None, None], hashed, dense) + self.offsets[:, None, None, None]
+        index = index.reshape(n, self.config.n_levels, 8)
+        w = wa[0][..., None, None, :] * wa[1][..., None, :, None] * wa[2][..., :, None, None]
+        w = w.reshape(n, self.config.n_levels, 8)
         features = F.embedding(index, self.embeddings)  # (N,L,8,F)
         return torch.einsum("nlc,nlcf->nlf", w, features).reshape(n, self.n_output_dims)
 
@@ -230,6 +232,19 @@ class NerfField(nn.Module):
 
     def forward(self, points: torch.Tensor, with_normals: bool = False) -> FieldOutput:
         return self.query(points, with_normals)
+
+
+def param_groups(field: NerfField, background: nn.Module | None = None, encoding_lr: float = 0.01,
+                 network_lr: float = 0.001, background_lr: float = 0.001) -> list[dict]:
+    """Optimiser groups with mvdream-sd21.yaml's learning rates (system.optimizer.params:
+    geometry.encoding 0.01, geometry.density_network and feature_network 0.001, background 0.001;
+    its optimizer is AdamW with betas (0.9, 0.99), eps 1e-15)."""
+    groups = [{"params": list(field.encoding.parameters()), "lr": encoding_lr},
+              {"params": list(field.density_network.parameters()) + list(field.feature_network.parameters()),
+               "lr": network_lr}]
+    if background is not None:
+        groups.append({"params": list(background.parameters()), "lr": background_lr})
+    return groups
 
 
 def _evaluate(fn, points: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -325,7 +325,7 @@ def render_volume(field: VolumeField, cameras: list[Camera], config: VolumeRende
     if light is not None:
         color = _shade(out.albedo, out.normal, points, light, ray // (h * w))
     r = len(hit)
-    sd = torch.zeros(r, k_max, dtype=out.density.dtype, device=out.density.device).index_put((rows, packed_cols), out.density * delta)
+    sd = out.density.new_zeros(r, k_max).index_put((rows, packed_cols), out.density * delta)  # sigma * delta
     weights_2d = exclusive_transmittance(sd) * (1 - torch.exp(-sd))
     weights = weights_2d[rows, packed_cols]
 
