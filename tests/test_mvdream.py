@@ -25,6 +25,7 @@ PARAMS = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, at
               use_linear_in_transformer=True, transformer_depth=2, context_dim=24, use_checkpoint=False,
               legacy=False, camera_dim=16)
 OBJECTS, VIEWS = 2, 4
+TOLERANCE = 2e-5  # max |ours - reference| / max |reference| in float32 (measured 2.2e-6)
 
 
 # -- the reference: MultiViewUNetModel's forward, block by block, on the LDM state dict ----------
@@ -148,7 +149,7 @@ def reference_unet(w, params, x, t, context, camera, num_frames):
 def random_checkpoint(tmp_path, params, seed=0, sharp=1.5):
     """A flat .pt (model.diffusion_model.*) and an original-format yaml. Weights ~ 1/sqrt(fan_in);
     attn1's queries and keys ``sharp`` times larger, so the other views move a view's eps by half its
-    size (sharper makes the model ill-conditioned: float32 rounding alone then moves eps by 1e-3)."""
+    size (at 2.5 the model is ill-conditioned: float32 rounding alone moves eps by 6e-4 of its size)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         names = ldm_state_dict(unet_from_params(params))
@@ -200,7 +201,7 @@ def test_unet_matches_the_original_blocks_to_float32_rounding(model_and_referenc
     assert weights.read == set(weights)  # the reference read every tensor of the checkpoint, no more
     err_abs, err_rel = float((ours - ref).abs().max()), rel(ours, ref)
     print(f"mvdream vs reference: max abs {err_abs:.2e}, relative to max |eps| {err_rel:.2e}")
-    assert err_rel < 2e-5, (err_abs, err_rel)
+    assert err_rel < TOLERANCE, (err_abs, err_rel)
     with torch.no_grad():
         per_view = reference_unet(weights, PARAMS, x, t, context, camera, 1)
         no_camera = reference_unet(weights, PARAMS, x, t, context, None, VIEWS)
@@ -220,9 +221,9 @@ def test_a_per_view_attn1_or_a_dropped_camera_fails_the_comparison(model_and_ref
         def swap(y):  # the two objects trade places; each one's views stay together, so eps follows
             return torch.cat([y[VIEWS:], y[:VIEWS]])
 
-        assert rel(swap(unet(swap(x), swap(t), swap(context), swap(camera), VIEWS)), ref) < 2e-5
+        assert rel(swap(unet(swap(x), swap(t), swap(context), swap(camera), VIEWS)), ref) < TOLERANCE
     for name, eps in mutants.items():
-        assert rel(eps, ref) > 100 * 2e-5, name
+        assert rel(eps, ref) > 100 * TOLERANCE, name
 
 
 def test_checkpoint_keys_must_match_the_config(tmp_path):
