@@ -6,10 +6,15 @@ Columns: the torch backend on the CPU with antialias (``torch_cpu``) and without
 (``cpu_no_aa``, what antialias adds); where CUDA is present, the torch backend on the GPU and
 nvdiffrast, timed in interleaved rounds (one call of each per round, so drift in clocks or
 load hits both alike), and their ratio. Each cell is the median over the rounds, in ms.
+Then the NeRF coarse stage (backend/render/volume.py over backend/geometry/nerf.py's field at its
+mvdream-sd21 defaults, occupancy grid as threestudio keeps one): render + backward of one view at
+64^2 and 256^2, the two resolutions of the single-stage schedule, on the CPU (and CUDA when
+present), interleaved rounds, median ms, printed as ``nerf_cpu_64=<ms>ms nerf_cpu_256=<ms>ms``
+(``nerf_cuda_*`` with a GPU) before the summary.
 The last line is the summary that issues quote:
 ``torch_cpu_50k_256=<ms>ms`` and, with a GPU, ``torch_vs_nvdiffrast=<torch_cuda / nvdiffrast at 50k, 512^2>x``.
 
-    .venv/bin/python scripts/bench/render.py [--rounds 7] [--faces 50000] [--res 256]
+    .venv/bin/python scripts/bench/render.py [--rounds 7] [--faces 50000] [--res 256] [--nerf-rounds 3] [--nerf-res 64 256]
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from backend.geometry.nerf import NerfConfig, NerfField  # noqa: E402
 from backend.geometry.primitives import uv_sphere  # noqa: E402
 from backend.render.camera import OrbitSpec, to_clip  # noqa: E402
 from backend.render.ops import (Backend, RasterContext, RasterizerUnavailableError, antialias, interpolate,  # noqa: E402
                                 rasterize)
+from backend.render.volume import OccupancyGrid, VolumeRenderConfig, render_volume  # noqa: E402
 
 
 def scene(faces: int, res: int, device):
@@ -50,6 +57,27 @@ def step(ctx, verts, tri, colours, cams, res, with_antialias: bool) -> None:
     if with_antialias:
         image = antialias(ctx, image, rast, pos, tri)
     (image.square().sum() + rast[..., :3].sum()).backward()
+
+
+def nerf_scene(res: int, device):
+    """The field at step 0 (threestudio's blob init), its occupancy grid, one camera at the
+    single-stage rig's middle (fov 37.5 deg, distance 0.9 / tan(fov / 2), elevation 15 deg)."""
+    torch.manual_seed(0)
+    field = NerfField(NerfConfig(), device)
+    config = VolumeRenderConfig()
+    grid = OccupancyGrid(config.radius).to(device)
+    grid.update(field.density, 0, config.step_size, torch.Generator().manual_seed(0))
+    fov = 37.5
+    cams = OrbitSpec(width=res, height=res, fov_y=(fov, fov), distance=(0.9 / math.tan(math.radians(fov / 2)),) * 2
+                     ).turntable(1, elevation=15.0)
+    return field, config, grid, cams
+
+
+def nerf_step(field, config, grid, cams, device) -> None:
+    """One volume render and its backward, as a coarse-stage step does it (no normals: mvdream-sd21)."""
+    field.zero_grad(set_to_none=True)
+    out = render_volume(field, cams, config, occupancy=grid, generator=torch.Generator().manual_seed(0), device=device)
+    out.rgb.square().mean().backward()
 
 
 def timed(fn, sync) -> float:
@@ -77,6 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--faces", type=int, nargs="*", default=[10_000, 50_000, 200_000])
     ap.add_argument("--res", type=int, nargs="*", default=[256, 512])
+    ap.add_argument("--nerf-rounds", type=int, default=3, help="rounds for the NeRF rows (one 256^2 call takes about two minutes on 2 busy CPU cores)")
+    ap.add_argument("--nerf-res", type=int, nargs="*", default=[64, 256])
     args = ap.parse_args()
     cpu_sync = lambda: None  # noqa: E731
     contexts = {"torch_cpu": RasterContext("cpu", Backend.TORCH)}
@@ -111,6 +141,16 @@ def main() -> None:
                 row["ratio"] = row["torch_cuda"] / row["nvdiffrast"]
             results[(faces, res)] = row
             print(f"{faces:>8} {res:>5} " + " ".join(f"{row[c]:>11.2f}" for c in columns), flush=True)
+    nerf_devices = ["cpu"] + (["cuda"] if cuda else [])
+    nerf_runs = {}
+    for device in nerf_devices:
+        sync = torch.cuda.synchronize if device == "cuda" else cpu_sync
+        for res in args.nerf_res:
+            scene_ = nerf_scene(res, device)
+            nerf_runs[f"nerf_{device}_{res}"] = (lambda s=scene_, d=device: nerf_step(*s, d), sync)
+    if nerf_runs:
+        print("NeRF (hash grid 16 levels, 512 samples per ray): volume render + backward, one view, median ms")
+        print(" ".join(f"{name}={ms:.0f}ms" for name, ms in bench(nerf_runs, args.nerf_rounds).items()), flush=True)
     summary = []
     if (50_000, 256) in results:
         summary.append(f"torch_cpu_50k_256={results[(50_000, 256)]['torch_cpu']:.0f}ms")
