@@ -75,7 +75,11 @@ class HashGrid(nn.Module):
         self.register_buffer("resolutions", torch.tensor(resolutions, dtype=torch.int32), persistent=False)
         self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.int32), persistent=False)
         self.register_buffer("offsets", torch.tensor(offsets[:-1], dtype=torch.int32), persistent=False)
-        self.register_buffer("hashed", torch.tensor([r ** 3 > s for r, s in zip(resolutions, sizes)]), persistent=False)
+        hashed = [r ** 3 > s for r, s in zip(resolutions, sizes)]
+        self.n_dense = hashed.count(False)  # levels indexed densely: the coarsest ones
+        require(hashed == [False] * self.n_dense + [True] * (c.n_levels - self.n_dense), "per_level_scale",
+                f"must be >= 1 (levels coarse to fine), got {c.per_level_scale}")
+        self.register_buffer("hashed", torch.tensor(hashed), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -86,14 +90,20 @@ class HashGrid(nn.Module):
         lo = cell.to(torch.int32)
         g = [torch.stack([lo[..., a], lo[..., a] + 1], -1) for a in range(3)]
         wa = [torch.stack([1 - frac[..., a], frac[..., a]], -1) for a in range(3)]
-        # the 8 corners as (N,L,2,2,2) -> (N,L,8), corner index x + 2y + 4z; int32 products wrap
-        # like tcnn's uint32 ones, so the low bits (all the table index uses) agree
+        # the 8 corners as (N,L,2,2,2) -> (N,L,8), corner index x + 2y + 4z: the dense levels (the
+        # first ones) by position, the others by the hash; int32 products wrap like tcnn's uint32
+        # ones, so the low bits (all the table index uses) agree
+        k = self.n_dense
         gx, gy, gz = g[0][..., None, None, :], g[1][..., None, :, None], g[2][..., :, None, None]
-        res = self.resolutions[:, None, None, None]
-        dense = (gx + gy * res + gz * res * res).remainder(self.sizes[:, None, None, None])
-        hashed = (gx * _PRIMES32[0] ^ gy * _PRIMES32[1] ^ gz * _PRIMES32[2]) & (self.sizes[:, None, None, None] - 1)
-        index = torch.where(self.hashed[:, None, None, None], hashed, dense) + self.offsets[:, None, None, None]
-        index = index.reshape(n, self.config.n_levels, 8)
+        parts = []
+        if k > 0:
+            res = self.resolutions[:k, None, None, None]
+            dense = (gx[:, :k] + gy[:, :k] * res + gz[:, :k] * res * res).remainder(self.sizes[:k, None, None, None])
+            parts.append(dense + self.offsets[:k, None, None, None])
+        if k < self.config.n_levels:
+            hashed = gx[:, k:] * _PRIMES32[0] ^ gy[:, k:] * _PRIMES32[1] ^ gz[:, k:] * _PRIMES32[2]
+            parts.append((hashed & (self.sizes[k:, None, None, None] - 1)) + self.offsets[k:, None, None, None])
+        index = torch.cat(parts, 1).reshape(n, self.config.n_levels, 8)
         w = wa[0][..., None, None, :] * wa[1][..., None, :, None] * wa[2][..., :, None, None]
         w = w.reshape(n, self.config.n_levels, 8)
         features = F.embedding(index, self.embeddings)  # (N,L,8,F)
