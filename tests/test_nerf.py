@@ -272,3 +272,28 @@ def test_a_view_that_misses_the_box_renders_the_background():
                         background=torch.tensor([0.0, 1.0, 0.0]))
     assert float(out.opacity.detach().abs().max()) == 0 and torch.equal(out.rgb.detach()[0, 0, 0], torch.tensor([0.0, 1.0, 0.0]))
     assert float(orientation_loss(out).detach()) == 0
+
+
+def test_hashed_levels_use_the_instant_ngp_hash_as_tiny_cuda_nn_does():
+    grid = HashGrid(SMALL_GRID)
+    level, vertex = 2, (3, 5, 7)  # level 2 of SMALL_GRID is hashed (16^3 > 1024 entries)
+    h = (vertex[0] * 1 ^ vertex[1] * 2654435761 ^ vertex[2] * 805459861) & 0xFFFFFFFF  # tcnn: uint32 arithmetic
+    row = int(grid.offsets[level]) + h % int(grid.sizes[level])
+    with torch.no_grad():
+        grid.embeddings.zero_()
+        grid.embeddings[row, 0] = 1.0
+    scale = grid.scales[level].item()
+    x = torch.tensor([[(v - 0.5 + 1e-4) / scale for v in vertex]])  # just past the vertex: weight ~1 there
+    out = grid(x).detach().view(SMALL_GRID.n_levels, SMALL_GRID.n_features_per_level)
+    assert abs(float(out[level, 0]) - 1) < 1e-3 and float(out[level, 1]) == 0
+
+
+@pytest.mark.gpu
+def test_cuda_render_matches_the_cpu():
+    field = small_field()
+    with torch.no_grad():
+        field.encoding.embeddings.uniform_(-1, 1)
+    config = VolumeRenderConfig(num_samples_per_ray=64, randomized=False)
+    cpu = render_volume(field, [front_camera(res=16)], config, with_normals=True)
+    gpu = render_volume(field.to("cuda"), [front_camera(res=16)], config, with_normals=True, device="cuda")
+    assert torch.allclose(cpu.rgb, gpu.rgb.cpu(), atol=1e-4) and torch.allclose(cpu.normal, gpu.normal.cpu(), atol=1e-3)
