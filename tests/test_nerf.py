@@ -123,8 +123,11 @@ def test_analytic_normals_of_a_blob_point_outward_and_train_through_the_orientat
     render = render_volume(field, [front_camera(res=12)], VolumeRenderConfig(num_samples_per_ray=64), with_normals=True,
                            generator=torch.Generator().manual_seed(0))
     assert render.normal.shape == (1, 12, 12, 3) and render.sample_normals.shape == render.sample_dirs.shape
-    (render.rgb.mean() + orientation_loss(render) + sparsity_loss(render.opacity) + opaque_loss(render.opacity)).backward()
-    assert field.encoding.embeddings.grad.abs().sum() > 0
+    orientation_loss(render).backward(retain_graph=True)  # weights are detached: only the normals carry it
+    assert field.encoding.embeddings.grad.abs().sum() > 0 and field.density_network[0].weight.grad.abs().sum() > 0
+    assert field.feature_network[0].weight.grad is None
+    (render.rgb.mean() + sparsity_loss(render.opacity) + opaque_loss(render.opacity)).backward()
+    assert field.feature_network[0].weight.grad.abs().sum() > 0
 
 
 def test_orientation_loss_is_zero_for_front_facing_normals_and_positive_for_back_facing():
