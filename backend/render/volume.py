@@ -1,10 +1,17 @@
 """Volume rendering of an implicit field (NeRF, Mildenhall et al. 2020, Eq. 3) from our cameras,
 as threestudio's ``nerf-volume-renderer`` does it for MVDream-threestudio's ``mvdream-sd21(-shading)``.
 
-    field = NerfField(NerfConfig())                     # backend/geometry/nerf.py, or any VolumeField
-    out = render_volume(field, cameras, VolumeRenderConfig(), background=EnvironmentMapBackground())
-    out.rgb (B,H,W,3), out.opacity (B,H,W,1), out.normal (B,H,W,3) with with_normals=True
+    field = NerfField(NerfConfig())          # backend/geometry/nerf.py, or any VolumeField
+    config, grid = VolumeRenderConfig(), OccupancyGrid()
+    grid.update(field.density, step, config.step_size)                       # every step (acts every 16th)
+    light = ShadingSchedule().light(step, sample_point_lights(cameras, views_per_object=4), rng)  # -shading
+    out = render_volume(field, cameras, config, background=env_map, occupancy=grid, light=light,
+                        with_normals=True)                                   # normals: orientation loss
+    out.rgb (B,H,W,3), out.opacity (B,H,W,1), out.normal (B,H,W,3)
     loss = sds(out.rgb) + lambda_orient * orientation_loss(out)
+
+For previews: ``VolumeRenderConfig(randomized=False)`` and the background in ``eval()`` mode (no
+random background colours).
 
 The renderer only needs a :class:`VolumeField` (density, albedo and normals at points), so
 render/ does not import geometry/. Images come out as (B,H,W,C) with row 0 at the top (PNG order,
