@@ -36,7 +36,9 @@ def _mesh3d(args: argparse.Namespace) -> int:
                             args.out, resume=args.resume)
     else:
         init = str(args.init_mesh) if args.init_mesh else None
-        events = run_generate(GenerateSpec(init_mesh=init, rasterizer=args.rasterizer, **common), args.out, resume=args.resume)
+        recipe = {"recipe": args.recipe} if args.recipe else {}
+        events = run_generate(GenerateSpec(init_mesh=init, rasterizer=args.rasterizer, **recipe, **common), args.out,
+                              resume=args.resume)
     print(f"psd3d {args.command}: {args.method} on {args.preset!r}, loading models…", file=sys.stderr)
     return _consume(events, args.method)
 
@@ -223,7 +225,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from protocol.specs import METHODS, RASTERIZERS, REWARDS
+    from protocol.specs import METHODS, RASTERIZERS, RECIPES, REWARDS
     from backend.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="psd3d", description="Preference Score Distillation: text to textured 3D props")
@@ -249,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: nvdiffrast on CUDA when it builds, else torch. nvdiffrast's licence is "
                             "non-commercial; torch is this project's own (MIT)")
 
+    def recipe(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--recipe", choices=RECIPES, default=None,
+                       help="sd-dmtet (default): DMTet geometry on Stable Diffusion, then the texture stage; "
+                            "mvdream: the paper's single stage, a NeRF distilled from MVDream's four views, baked")
+
     def max_t(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-t", type=float, default=None,
                        help="refine strength: the largest noise level, a fraction of the diffusion schedule "
@@ -257,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("image2d", help="the 2D experiment (Algorithm 2): optimise one image by PSD, SDS or DreamDPO")
     common(p)
     p.set_defaults(run=_image2d)
-    g = sub.add_parser("generate", help="text to a textured mesh (DMTet geometry, then the texture stage)")
+    g = sub.add_parser("generate", help="text to a textured mesh (--recipe: DMTet + texture stage, or MVDream's single stage)")
     common(g)
+    recipe(g)
     g.add_argument("--init-mesh", type=Path, default=None, help="a blocked-out mesh to start from (kept in its frame)")
     rasterizer(g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
@@ -292,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
         sp.add_argument("--prompts-file", type=Path, default=None, help="a batch: one job per line of this file")
         if name == "generate":
+            recipe(sp)
             sp.add_argument("--init-mesh", type=Path, default=None)
             rasterizer(sp)
         if name == "refine":

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from protocol.errors import UnknownNameError
+from backend.psd.mvdream import MultiViewPrior
 from backend.psd.prior import DiffusionPrior
 from backend.psd.rewards import RewardModel, load_reward
 from backend.psd.tiny import ensure_tiny_models
 
 _CACHE: dict[tuple, "LoadedModels"] = {}
+_MULTIVIEW: dict[tuple, MultiViewPrior] = {}
 
 
 @dataclass
@@ -78,3 +80,18 @@ def load_models(models, device: torch.device | None = None, dtype: torch.dtype |
         _CACHE[key] = LoadedModels(prior, target, unseen)
     return _CACHE[key]
 
+
+
+def load_multiview(models, device: torch.device | None = None, dtype: torch.dtype | None = None) -> MultiViewPrior:
+    """The model set's MVDream prior (loaded on first use, then kept), in the dtype
+    :func:`load_models` gives the SD prior."""
+    if models.mvdream is None:
+        raise UnknownNameError("recipe: this preset has no multi-view prior (MVDream)", field="recipe")
+    device = device or default_device()
+    dtype = dtype or (CUDA_PRIOR_DTYPE if device.type == "cuda" else torch.float32)
+    key = (models, str(device), dtype)
+    if key not in _MULTIVIEW:
+        if models.build_tiny:
+            ensure_tiny_models()
+        _MULTIVIEW[key] = MultiViewPrior.from_source(models.mvdream, device=device, dtype=dtype)
+    return _MULTIVIEW[key]

@@ -133,16 +133,25 @@ class RefineSpec(MeshJobSpec):
                     f"must be a number in [{MIN_T}, {MAX_T}] (a fraction of the diffusion schedule), got {self.max_t!r}")
 
 
+# How generate makes a prop. "sd-dmtet": DMTet geometry on Stable Diffusion from a primitive or a
+# block-out, then a PSD texture stage (Fantasia3D's recipe). "mvdream": the paper's single stage
+# (Table 1): a NeRF distilled from MVDream's four joint views, extracted and baked to a textured mesh.
+RECIPES = ("sd-dmtet", "mvdream")
+
+
 @dataclass(kw_only=True)
 class GenerateSpec(MeshJobSpec):
-    """Text to a textured mesh: DMTet geometry (from a primitive or a blocked-out mesh), then texture."""
+    """Text to a textured mesh by one of RECIPES."""
 
-    init_mesh: str | None = None  # a blocked-out mesh; its frame and scale are kept
+    recipe: str = "sd-dmtet"
+    init_mesh: str | None = None  # a blocked-out mesh (sd-dmtet); its frame and scale are kept
 
     def validate(self, presets: tuple[str, ...]) -> None:
         super().validate(presets)
+        require_choice(self.recipe, RECIPES, "recipe")
         if self.init_mesh is not None:
             require(isinstance(self.init_mesh, str) and self.init_mesh.strip() != "", "init_mesh", "must name a mesh file")
+            require(self.recipe == "sd-dmtet", "init_mesh", f"starts the sd-dmtet recipe only, not {self.recipe!r}")
 
 
 MAX_BATCH = 1000

@@ -9,6 +9,7 @@ Both optimise in a unit frame and write every result back in the input's own fra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,11 +24,12 @@ from backend.geometry.dmtet import TetGrid, ellipsoid_sdf, sphere_sdf
 from backend.geometry.mesh import Mesh, Normalisation, load_mesh, repair
 from backend.geometry.sdf import mesh_sdf
 from backend.geometry.uv import unwrap
-from backend.models import LoadedModels, load_models
+from backend.models import LoadedModels, load_models, load_multiview
 from backend.pipelines.common import internal_failure
 from backend.pipelines.geometry_stage import GeometryStage, Primitive
 from backend.outputs import config_to_json
 from backend.pipelines.results import finish, mesh_snapshot_arrays
+from backend.pipelines.nerf_stage import MVDREAM_NEGATIVE_PROMPT, NERF_TO_UNIT, NerfStage
 from backend.pipelines.texture_stage import TextureStage
 from backend.presets import PRESETS, Preset, get_preset, with_overrides
 from backend.render.camera import rig_from_spec
@@ -117,6 +119,9 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
 
 
 def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
+    if spec.recipe == "mvdream":
+        yield from _generate_single(spec, out, models, should_stop, resume)
+        return
     preset, models, n0, ctx = _prepare(spec, out, models)
     geo = preset.geometry
     grid = TetGrid.cube(geo.grid_resolution)
@@ -166,3 +171,35 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     yield TextureSnapshot(stage.step, stage.texture_rgba())  # the unwrapped mesh is never shown untextured
     yield from stage.run(tex_steps, should_stop, shown=stage.step)
     yield finish(stage, world, spec.prompt, out, f"generate {spec.method}: {spec.prompt}")
+
+
+def _generate_single(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
+    """The paper's single stage (Table 1): NeRF on MVDream, then the surface at density 25 with
+    the albedo baked into a UV texture. The negative prompt defaults to mvdream-sd21.yaml's."""
+    if spec.negative_prompt is None and not spec.negative_embedding:
+        spec = replace(spec, negative_prompt=MVDREAM_NEGATIVE_PROMPT)
+    preset, models, n0, ctx = _prepare(spec, out, models)
+    settings = preset.single
+    mv_prior = load_multiview(preset.models, device=models.prior.device, dtype=models.prior.dtype)
+    guidance = with_overrides(settings.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
+                              reward_scale=spec.reward_scale, interval=spec.interval)
+    total = spec.steps or settings.steps
+    atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict(),
+                                          "nerf_steps": total, "guidance": config_to_json(guidance)})
+    norm = Normalisation()
+    stage = NerfStage(models, mv_prior, spec.prompt, n0, settings, guidance, spec.seed, out, norm.to_world)
+    if resume:
+        stage.load_checkpoint()
+    yield from stage.run(total, should_stop)
+    stage.save_checkpoint()
+    baked = stage.textured_mesh()
+    unit = Mesh(baked.positions * NERF_TO_UNIT, baked.faces, baked.uvs, baked.texture)
+    world = Mesh(torch.from_numpy(norm.to_world(unit.positions.numpy().astype(np.float64)).astype(np.float32)),
+                 unit.faces, unit.uvs)
+    # the baked result is rendered (turntable, rewards) by a texture stage that takes no steps
+    viewer = TextureStage(models, unit, spec.prompt, n0, preset.texture, _texture_guidance(preset, spec), spec.seed,
+                          out, rig_from_spec(spec.cameras), ctx=ctx)
+    pos, faces, uvs = mesh_snapshot_arrays(world)
+    yield MeshSnapshot(stage.step, pos, faces, uvs, stage.topology_id + 1)
+    yield TextureSnapshot(stage.step, viewer.texture_rgba())
+    yield finish(viewer, world, spec.prompt, out, f"generate mvdream {spec.method}: {spec.prompt}", source=stage)

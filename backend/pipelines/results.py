@@ -34,14 +34,17 @@ def turntable(stage: TextureStage, views: int = PREVIEW_VIEWS) -> torch.Tensor:
         return stage.render(cams)
 
 
-def finish(stage: TextureStage, world_mesh: Mesh, prompt: str, out: Path, title: str) -> Done:
+def finish(stage: TextureStage, world_mesh: Mesh, prompt: str, out: Path, title: str, source=None) -> Done:
     """Score the turntable, write every output (atomically) and return the Done event.
-    ``world_mesh`` is the result in the input's own frame, with UVs."""
+    ``world_mesh`` is the result in the input's own frame, with UVs; ``stage`` renders it.
+    ``source``: the stage whose steps, metrics and negative embedding the job reports, when
+    ``stage`` only renders the result (a baked NeRF); default ``stage``."""
+    source = source or stage
     models = stage.models
     images = turntable(stage)
-    log = stage.log
+    log = source.log
     with torch.no_grad():
-        log.final["steps_done"] = stage.step
+        log.final["steps_done"] = source.step
         log.final["target_reward"] = float(models.target_reward.score(images, stage.reward_features).mean())
         log.final["target_reward_name"] = models.target_reward.name
         log.final["views_scored"] = images.shape[0]
@@ -56,7 +59,7 @@ def finish(stage: TextureStage, world_mesh: Mesh, prompt: str, out: Path, title:
         "reward_curve": plot_reward_curve(log.to_dict(), out / "reward_curve.png", title),
         "negative_embedding": out / "negative_embedding.pt",
     }
-    stage.negative.save(outputs["negative_embedding"])
+    source.negative.save(outputs["negative_embedding"])
     return Done({k: str(v) for k, v in outputs.items()}, log.to_dict()["final"])
 
 

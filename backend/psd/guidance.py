@@ -119,10 +119,14 @@ def dreamdpo_direction(eps_cfg_w: torch.Tensor, eps_w: torch.Tensor, eps_cfg_l: 
 class Weighting(str, Enum):
     """w(t) in Eq. 12 (the paper leaves it open). SDS: ``s_t^2`` (DreamFusion). DMD: the
     per-sample normalisation of DMD (Yin et al. 2024) that CFD's configs use
-    (``weighting_strategy: dmd`` in configs/cfd/sd-mesh-*.yaml)."""
+    (``weighting_strategy: dmd`` in configs/cfd/sd-mesh-*.yaml). RECON: ``s_t / a_t``, MVDream's
+    x0-reconstruction loss (MVDream paper section 3.2; MVDream-threestudio
+    multiview_diffusion_guidance.py ``recon_loss: true``), whose gradient ``x_0 - x0(eps~)`` is
+    ``(s_t / a_t)(eps~ - eps)``."""
 
     SDS = "sds"
     DMD = "dmd"
+    RECON = "recon"
 
 
 def sds_weight(sigma: torch.Tensor) -> torch.Tensor:
@@ -138,10 +142,17 @@ def dmd_weight(eps_cfg: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1e-8 + (eps_cfg - eps).abs().mean(dim=tuple(range(1, eps.dim())), keepdim=True))
 
 
+def recon_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """w(t) = s_t / a_t: ``x_0 - (x_t - s_t eps~) / a_t = (s_t / a_t)(eps~ - eps)`` (Eq. 1, Tweedie)."""
+    return sigma / (1 - sigma**2).clamp_min(1e-12).sqrt()
+
+
 def step_weight(weighting: Weighting, sigma: torch.Tensor, eps_cfg: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """w(t) of Eq. 12 for ``weighting``; ``eps_cfg - eps`` is the sample's SDS direction."""
     if weighting is Weighting.DMD:
         return dmd_weight(eps_cfg, eps)
+    if weighting is Weighting.RECON:
+        return recon_weight(sigma)
     return sds_weight(sigma)
 
 

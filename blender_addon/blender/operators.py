@@ -86,6 +86,7 @@ class PSD_OT_generate(_Op, bpy.types.Operator):
             fields = spec_fields(s)
             if not fields["prompt"]:
                 raise scene.SceneError("prompt: is empty; describe the prop to make")
+            fields["recipe"] = s.recipe
             cursor = tuple(context.scene.cursor.location)
             fields["cameras"] = camera_rig(context, s, frames.world_to_prop(cursor, s.size))
             session = connection.session()
@@ -200,6 +201,7 @@ class PSD_OT_batch(_Op, bpy.types.Operator):
             library.clean_catalog_path(s.catalog)
             fields = spec_fields(s)
             fields.pop("prompt")
+            fields["recipe"] = s.recipe  # a batch makes props with generate
             cursor = tuple(context.scene.cursor.location)
             if s.camera_mode == "SCENE":  # each prop's own rig: the scene cameras as they see a prop of Size at its grid spot
                 rigs = [camera_rig(context, s, frames.world_to_prop(assets.grid_spot(cursor, i, s.size), s.size))

@@ -42,6 +42,7 @@ class PSD_PT_main(_Panel, bpy.types.Panel):
         layout.prop(s, "negative_prompt")
         col = layout.column(align=True)
         col.prop(s, "method")
+        col.prop(s, "recipe")
         col.prop(s, "reward")
         col.prop(s, "preset")
         row = col.row(align=True)

@@ -13,6 +13,9 @@ METHOD_ITEMS = [("psd", "PSD", "Preference Score Distillation: SDS steered towar
                 ("dreamdpo", "DreamDPO", "Preference optimisation by a reward-ranked pair (Eq. 22)")]
 REWARD_ITEMS = [("hpsv2.1", "HPSv2.1", "Human Preference Score v2.1 (the paper's target reward)"),
                 ("pickscore", "PickScore", "PickScore (CLIP-H fine-tuned on Pick-a-Pic)")]
+RECIPE_ITEMS = [("sd-dmtet", "SD + DMTet", "DMTet geometry on Stable Diffusion from a sphere, then the PSD texture stage"),
+                ("mvdream", "MVDream", "The paper's single stage: a NeRF distilled from MVDream's four joint views "
+                                       "(one front, one back), baked to a textured mesh")]
 CAMERA_ITEMS = [("ORBIT", "Orbit", "Sample views on an orbit around the object"),
                 ("SCENE", "Scene Cameras", "Use the scene's camera objects as the views")]
 BATCH_SOURCE_ITEMS = [("TEXT", "Text Block", "One prompt a line, from a text block in this file"),
@@ -65,6 +68,8 @@ class PSD_Settings(bpy.types.PropertyGroup):
     negative_prompt: StringProperty(name="Negative Prompt", description="Words to steer away from: they initialise the "
                                     "embedding PSD learns (empty: the backend's defaults)")
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="psd")
+    recipe: EnumProperty(name="Recipe", items=RECIPE_ITEMS, default="sd-dmtet",
+                         description="How Generate and Batch make a prop (Refine only re-textures)")
     reward: EnumProperty(name="Reward", items=REWARD_ITEMS, default="hpsv2.1")
     preset: EnumProperty(name="Preset", items=_preset_items,
                          description="Models and stage settings, as offered by the backend (Check Connection)")

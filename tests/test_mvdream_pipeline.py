@@ -1,0 +1,96 @@
+"""generate --recipe mvdream (the paper's single stage, Table 1) on the tiny twins, end to end:
+NeRF on MVDream's four views, streamed meshes, a baked textured GLB, Stop & Keep, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.errors import InvalidInputError
+from protocol.events import Done, MeshSnapshot, Progress, TextureSnapshot
+from protocol.specs import GenerateSpec
+from backend.geometry.mesh import load_mesh
+from backend.pipelines.mesh3d import run_generate
+from backend.pipelines.nerf_stage import SingleStageSettings
+from backend.presets import PRESETS
+
+
+def _stop_after(n_polls: int):
+    count = {"n": 0}
+
+    def should_stop():
+        count["n"] += 1
+        return count["n"] > n_polls
+    return should_stop
+
+
+@pytest.mark.parametrize("method", ["psd", "sds", "dreamdpo"])
+def test_single_stage_streams_meshes_and_ends_in_a_textured_glb(tmp_path, tiny, method):
+    steps = 4 if method == "psd" else 2
+    events = list(run_generate(GenerateSpec(prompt="a wooden chair", recipe="mvdream", method=method, steps=steps, seed=3),
+                               tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [e.stage for e in progress] == ["nerf"] * steps
+    meshes = [e for e in events if isinstance(e, MeshSnapshot)]
+    assert len(meshes) >= 2 and meshes[0].uvs is None and meshes[-1].uvs is not None  # streamed, then the baked one
+    last_texture = max(i for i, e in enumerate(events) if isinstance(e, TextureSnapshot))
+    assert last_texture > max(i for i, e in enumerate(events) if isinstance(e, MeshSnapshot))
+    out = load_mesh(tmp_path / "out.glb")
+    assert out.uvs is not None and out.texture is not None and out.faces.shape[0] > 100
+    assert np.abs(out.positions.numpy()).max() <= 0.5 + 1e-5  # the NeRF box [-1, 1] in the unit frame
+    assert np.array_equal(events[last_texture].image, out.texture)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s["stage"] for s in metrics["steps"]] == ["nerf"] * steps
+    if method == "psd":
+        assert all(s["reward_w"] is not None for s in metrics["steps"])
+        n = torch.load(tmp_path / "negative_embedding.pt", weights_only=True)
+        assert n["updates"] == steps  # appendix F.1: n learns at every step of the single stage
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert spec["recipe"] == "mvdream" and spec["guidance"]["guidance_scale"] == 51.0
+
+
+def test_stop_and_keep_gives_a_textured_mesh(tmp_path, tiny):
+    events = list(run_generate(GenerateSpec(prompt="a lamp", recipe="mvdream", steps=6, seed=1), tmp_path, models=tiny,
+                               should_stop=_stop_after(2)))
+    assert isinstance(events[-1], Done), events[-1]
+    assert events[-1].final["steps_done"] == 2
+    out = load_mesh(tmp_path / "out.glb")
+    assert out.texture is not None and out.uvs is not None
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny):
+    spec = GenerateSpec(prompt="a mug", recipe="mvdream", steps=6, seed=2)
+    straight = list(run_generate(spec, tmp_path / "a", models=tiny))[-1]
+    assert isinstance(straight, Done)
+    # stopped after step 3 (before the periodic checkpoint at 4): the stage saves its state when it stops
+    list(run_generate(spec, tmp_path / "b", models=tiny, should_stop=_stop_after(3)))
+    resumed = list(run_generate(spec, tmp_path / "b", models=tiny, resume=True))
+    assert [e.step for e in resumed if isinstance(e, Progress)] == [4, 5, 6]
+    a, b = load_mesh(tmp_path / "a" / "out.glb"), load_mesh(tmp_path / "b" / "out.glb")
+    assert torch.equal(a.positions, b.positions) and np.array_equal(a.texture, b.texture)
+
+
+def test_init_mesh_belongs_to_the_dmtet_recipe():
+    with pytest.raises(InvalidInputError) as err:
+        GenerateSpec(prompt="a cup", recipe="mvdream", init_mesh="block.glb").validate(tuple(PRESETS))
+    assert err.value.field == "init_mesh"
+    with pytest.raises(InvalidInputError) as err:
+        GenerateSpec(prompt="a cup", recipe="nerf").validate(tuple(PRESETS))
+    assert err.value.field == "recipe"
+
+
+def test_paper_settings_come_from_mvdream_sd21_yaml():
+    s = PRESETS["sd21-paper"].single
+    assert s == SingleStageSettings()
+    assert s.steps == 10000 and s.render_sizes == (64, 256) and s.objects == (2, 1) and s.prior_size == 256
+    assert s.guidance.guidance_scale == 51.0 and s.negative.lr == 1e-4
+    assert (s.render_size(4999, 10000), s.render_size(5000, 10000)) == (64, 256)
+    assert s.orient_weight(0, 10000) == 10.0 and s.orient_weight(2500, 10000) == pytest.approx(505.0)
+    assert s.orient_weight(9000, 10000) == 1000.0
+    gen = torch.Generator().manual_seed(0)
+    first = s.schedule.sample(0, 10000, 4, 1000, gen)
+    assert first.tolist() == [980] * 4  # min and max both start at 0.98
+    late = torch.stack([s.schedule.sample(9000, 10000, 1, 1000, gen) for _ in range(200)])
+    assert 20 <= int(late.min()) and int(late.max()) <= 500  # [0.02, 0.50] after 8000 of 10000 steps
