@@ -347,6 +347,17 @@ def bake_albedo(field: NerfField, mesh: Mesh, texture_size: int = 1024, ctx: Ras
     mask = rast[0, ..., 3] > 0
     colour = torch.zeros(texture_size, texture_size, 3, device=device)
     colour[mask.to(device)] = _evaluate(field.albedo, surface[mask].to(device), chunk)
+    # a face smaller than a texel covers no texel centre: the texel under its UV centroid takes the
+    # albedo at its 3D centroid, so that no face samples an empty texel (black specks)
+    centre_uv = out.uvs.mean(dim=1)
+    col = (centre_uv[:, 0] * texture_size).long().clamp(0, texture_size - 1)
+    row = (centre_uv[:, 1] * texture_size).long().clamp(0, texture_size - 1)
+    missed = ~mask.cpu()[row, col]
+    if missed.any():
+        centres = out.positions[out.faces[missed]].mean(dim=1)
+        colour[row[missed].to(device), col[missed].to(device)] = _evaluate(field.albedo, centres.to(device), chunk)
+        mask = mask.cpu().clone()
+        mask[row[missed], col[missed]] = True
     colour = dilate(colour.cpu(), mask.cpu(), iterations=max(8, texture_size // 64))
     rgba = np.full((texture_size, texture_size, 4), 255, dtype=np.uint8)
     rgba[..., :3] = (colour.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()

@@ -17,7 +17,7 @@ import torch
 
 from protocol.events import MeshSnapshot
 from backend.files import atomic_torch_save
-from backend.geometry.mesh import Mesh
+from backend.geometry.mesh import Mesh, repair
 from backend.geometry.nerf import NerfConfig, NerfField, bake_albedo, extract_mesh
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
@@ -168,8 +168,9 @@ class NerfStage(DistillationStage):
         return MeshSnapshot(self.step, world, mesh.faces.numpy().astype("int32"), None, self.topology_id)
 
     def textured_mesh(self) -> Mesh:
-        """The extracted surface with UVs and the albedo baked (NeRF frame)."""
-        return bake_albedo(self.field, self.extract(), self.settings.texture_size)
+        """The extracted surface (slivers of zero area removed) with UVs and the albedo baked (NeRF frame)."""
+        mesh, _ = repair(self.extract(), "mesh")
+        return bake_albedo(self.field, mesh, self.settings.texture_size)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
