@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     def recipe(p: argparse.ArgumentParser) -> None:
         p.add_argument("--recipe", choices=RECIPES, default=None,
                        help="sd-dmtet (default): DMTet geometry on Stable Diffusion, then the texture stage; "
-                            "mvdream: the paper's single stage, a NeRF distilled from MVDream's four views, baked")
+                            "mvdream: the paper's single stage, a NeRF distilled from MVDream's four views, baked; "
+                            "mvdream-dmtet: the paper's 3-stage pipeline, that NeRF -> DMTet geometry -> PSD texture")
 
     def max_t(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-t", type=float, default=None,

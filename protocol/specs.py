@@ -136,7 +136,9 @@ class RefineSpec(MeshJobSpec):
 # How generate makes a prop. "sd-dmtet": DMTet geometry on Stable Diffusion from a primitive or a
 # block-out, then a PSD texture stage (Fantasia3D's recipe). "mvdream": the paper's single stage
 # (Table 1): a NeRF distilled from MVDream's four joint views, extracted and baked to a textured mesh.
-RECIPES = ("sd-dmtet", "mvdream")
+# "mvdream-dmtet": the paper's 3-stage pipeline (Table 2): that NeRF starts the DMTet geometry stage
+# on Stable Diffusion, then the PSD texture stage.
+RECIPES = ("sd-dmtet", "mvdream", "mvdream-dmtet")
 
 
 @dataclass(kw_only=True)

@@ -39,7 +39,7 @@ def test_single_stage_streams_meshes_and_ends_in_a_textured_glb(tmp_path, tiny, 
     assert last_texture > max(i for i, e in enumerate(events) if isinstance(e, MeshSnapshot))
     out = load_mesh(tmp_path / "out.glb")
     assert out.uvs is not None and out.texture is not None and out.faces.shape[0] > 100
-    assert np.abs(out.positions.numpy()).max() <= 0.5 + 1e-5  # the NeRF box [-1, 1] in the unit frame
+    assert np.abs(out.positions.numpy()).max() <= 1.0 + 1e-5  # inside the NeRF's box, the DMTet grid's frame
     assert np.array_equal(events[last_texture].image, out.texture)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [s["stage"] for s in metrics["steps"]] == ["nerf"] * steps
@@ -94,3 +94,21 @@ def test_paper_settings_come_from_mvdream_sd21_yaml():
     assert first.tolist() == [980] * 4  # min and max both start at 0.98
     late = torch.stack([s.schedule.sample(9000, 10000, 1, 1000, gen) for _ in range(200)])
     assert 20 <= int(late.min()) and int(late.max()) <= 500  # [0.02, 0.50] after 8000 of 10000 steps
+
+
+def test_three_stage_pipeline_runs_nerf_then_dmtet_then_texture(tmp_path, tiny):
+    events = list(run_generate(GenerateSpec(prompt="a teapot", recipe="mvdream-dmtet", steps=2, seed=4), tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    assert [e.stage for e in events if isinstance(e, Progress)] == ["nerf"] * 2 + ["geometry"] * 2 + ["texture"] * 2
+    out = load_mesh(tmp_path / "out.glb")
+    assert out.uvs is not None and out.texture is not None
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert spec["recipe"] == "mvdream-dmtet"
+
+
+def test_stop_in_the_coarse_stage_of_three_keeps_the_baked_nerf(tmp_path, tiny):
+    events = list(run_generate(GenerateSpec(prompt="a teapot", recipe="mvdream-dmtet", steps=4, seed=4), tmp_path,
+                               models=tiny, should_stop=_stop_after(2)))
+    assert isinstance(events[-1], Done), events[-1]
+    assert {e.stage for e in events if isinstance(e, Progress)} == {"nerf"}
+    assert load_mesh(tmp_path / "out.glb").texture is not None

@@ -362,3 +362,21 @@ def bake_albedo(field: NerfField, mesh: Mesh, texture_size: int = 1024, ctx: Ras
     rgba = np.full((texture_size, texture_size, 4), 255, dtype=np.uint8)
     rgba[..., :3] = (colour.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
     return Mesh(out.positions, out.faces, out.uvs, rgba, out.topology_id)
+
+
+def dmtet_from_field(field: NerfField, resolution: int, threshold: float, margin: float = 0.1,
+                     chunk: int = 1 << 16) -> tuple[TetGrid, torch.Tensor]:
+    """The DMTet stage's start from a coarse NeRF, as threestudio's ``TetrahedraSDFGrid.create_from``
+    does it: a ``resolution`` tet grid over the tight bounding box of the surface at ``threshold``
+    grown by ``margin`` of its size on every side (within the NeRF's box), and the SDF
+    ``clamp(-(density - threshold), -1, 1)`` at its vertices (negative inside). Returns the grid (its
+    vertices in the NeRF's frame, the lattice layout of :meth:`TetGrid.cube`) and the SDF (V,)."""
+    verts, _ = extract_mesh(field, resolution, threshold, coarse_to_fine=False, chunk=chunk)
+    lo, hi = verts.amin(0), verts.amax(0)
+    r = field.config.radius
+    lo, hi = (lo - margin * (hi - lo)).clamp(min=-r), (hi + margin * (hi - lo)).clamp(max=r)
+    device = next(field.parameters()).device
+    cube = TetGrid.cube(resolution, device)
+    vertices = lo.to(device) + (cube.vertices + 1) / 2 * (hi - lo).to(device)
+    sdf = (threshold - _evaluate(field.density, vertices, chunk)).clamp(-1, 1)
+    return TetGrid(vertices, cube.tets, resolution), sdf

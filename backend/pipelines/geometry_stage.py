@@ -78,6 +78,8 @@ class GeometryStage(DistillationStage):
         self.device = prior.device
         self.ctx = ctx or RasterContext(self.device)
         self.grid = TetGrid(grid.vertices.to(self.device), grid.tets.to(self.device), grid.resolution)
+        # half a cell per axis: the grid spans [-1, 1]^3 or, started from a NeRF, its surface's box
+        self.half_cell = (self.grid.vertices.amax(0) - self.grid.vertices.amin(0)) / (2 * grid.resolution)
         self.sdf = torch.nn.Parameter(sdf_init.to(self.device).float().clone())
         self.deform = torch.nn.Parameter(torch.zeros_like(self.grid.vertices))
         self.optimizer = torch.optim.Adam([self.sdf, self.deform], lr=settings.lr, betas=settings.betas)
@@ -95,7 +97,7 @@ class GeometryStage(DistillationStage):
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current surface (unit frame): marching tets on the deformed grid. Deformation is
         bounded to half a cell so tetrahedra cannot invert."""
-        offset = torch.tanh(self.deform) * (1.0 / self.grid.resolution)
+        offset = torch.tanh(self.deform) * self.half_cell
         verts, faces = marching_tets(self.grid.vertices + offset, self.grid.tets, self.sdf)
         if faces.shape[0] == 0:
             raise NumericalError(f"geometry step {self.step}: the surface vanished (no zero crossing left in the SDF)")

@@ -9,7 +9,6 @@ Both optimise in a unit frame and write every result back in the input's own fra
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,6 +21,7 @@ from protocol.specs import GenerateSpec, RefineSpec
 from backend.files import atomic_torch_save, atomic_write_json
 from backend.geometry.dmtet import TetGrid, ellipsoid_sdf, sphere_sdf
 from backend.geometry.mesh import Mesh, Normalisation, load_mesh, repair
+from backend.geometry.nerf import dmtet_from_field
 from backend.geometry.sdf import mesh_sdf
 from backend.geometry.uv import unwrap
 from backend.models import LoadedModels, load_models, load_multiview
@@ -29,7 +29,7 @@ from backend.pipelines.common import internal_failure
 from backend.pipelines.geometry_stage import GeometryStage, Primitive
 from backend.outputs import config_to_json
 from backend.pipelines.results import finish, mesh_snapshot_arrays
-from backend.pipelines.nerf_stage import MVDREAM_NEGATIVE_PROMPT, NERF_TO_UNIT, NerfStage
+from backend.pipelines.nerf_stage import MVDREAM_NEGATIVE_PROMPT, NerfStage
 from backend.pipelines.texture_stage import TextureStage
 from backend.presets import PRESETS, Preset, get_preset, with_overrides
 from backend.render.camera import rig_from_spec
@@ -125,7 +125,15 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     preset, models, n0, ctx = _prepare(spec, out, models)
     geo = preset.geometry
     grid = TetGrid.cube(geo.grid_resolution)
-    if spec.init_mesh:
+    if spec.recipe == "mvdream-dmtet":  # Table 2's 3-stage pipeline: MVDream NeRF -> DMTet geometry -> texture
+        atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict()})
+        coarse = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume)
+        if should_stop():  # Stop & Keep in the coarse stage keeps the NeRF's result
+            yield from _finish_coarse(spec, out, preset, models, n0, ctx, coarse)
+            return
+        grid, sdf0 = dmtet_from_field(coarse.field, geo.grid_resolution, coarse.surface_level())
+        norm, warnings = Normalisation(), []
+    elif spec.init_mesh:
         block, warnings = repair(load_mesh(spec.init_mesh, "init_mesh"), "init_mesh")
         norm = Normalisation.fit(block.positions.numpy().astype(np.float64))
         unit_pos = torch.from_numpy(norm.to_unit(block.positions.numpy().astype(np.float64)).astype(np.float32))
@@ -138,8 +146,9 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     geo_steps = spec.steps or geo.steps
     tex_steps = spec.steps or preset.texture.steps
     guidance = _texture_guidance(preset, spec)
-    atomic_write_json(out / "spec.json", {"pipeline": "generate", "spec": spec.to_dict(), "geometry_steps": geo_steps,
-                                          "texture_steps": tex_steps, "guidance": config_to_json(guidance)})
+    atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict(),
+                                          "geometry_steps": geo_steps, "texture_steps": tex_steps,
+                                          "guidance": config_to_json(guidance)})
     to_world = norm.to_world
     geometry = GeometryStage(models, spec.prompt, n0, sdf0, grid, geo, spec.seed, out, to_world, ctx)
     if resume:
@@ -173,33 +182,45 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     yield finish(stage, world, spec.prompt, out, f"generate {spec.method}: {spec.prompt}")
 
 
-def _generate_single(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
-    """The paper's single stage (Table 1): NeRF on MVDream, then the surface at density 25 with
-    the albedo baked into a UV texture. The negative prompt defaults to mvdream-sd21.yaml's."""
-    if spec.negative_prompt is None and not spec.negative_embedding:
-        spec = replace(spec, negative_prompt=MVDREAM_NEGATIVE_PROMPT)
-    preset, models, n0, ctx = _prepare(spec, out, models)
+def _coarse_stage(spec: GenerateSpec, out: Path, preset: Preset, models: LoadedModels, n0: torch.Tensor,
+                  should_stop, resume) -> Iterator[Event]:
+    """Run MVDream's single stage (NeRF) of a job; returns the stage (``yield from`` gives it back).
+    Its negative embedding starts from mvdream-sd21.yaml's negative prompt unless the spec names one."""
     settings = preset.single
     mv_prior = load_multiview(preset.models, device=models.prior.device, dtype=models.prior.dtype)
+    if spec.negative_prompt is None and not spec.negative_embedding:
+        n0 = mv_prior.encode_text([MVDREAM_NEGATIVE_PROMPT], field="negative_prompt")
     guidance = with_overrides(settings.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
                               reward_scale=spec.reward_scale, interval=spec.interval)
     total = spec.steps or settings.steps
-    atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict(),
-                                          "nerf_steps": total, "guidance": config_to_json(guidance)})
-    norm = Normalisation()
-    stage = NerfStage(models, mv_prior, spec.prompt, n0, settings, guidance, spec.seed, out, norm.to_world)
+    stage = NerfStage(models, mv_prior, spec.prompt, n0, settings, guidance, spec.seed, out, Normalisation().to_world)
     if resume:
         stage.load_checkpoint()
     yield from stage.run(total, should_stop)
-    stage.save_checkpoint()
-    baked = stage.textured_mesh()
-    unit = Mesh(baked.positions * NERF_TO_UNIT, baked.faces, baked.uvs, baked.texture)
-    world = Mesh(torch.from_numpy(norm.to_world(unit.positions.numpy().astype(np.float64)).astype(np.float32)),
-                 unit.faces, unit.uvs)
+    stage.save_checkpoint()  # a resumed job skips a finished coarse stage
+    return stage
+
+
+def _finish_coarse(spec: GenerateSpec, out: Path, preset: Preset, models: LoadedModels, n0: torch.Tensor, ctx,
+                   stage: NerfStage) -> Iterator[Event]:
+    """The NeRF as the job's result: its surface, unwrapped, with the albedo baked."""
+    baked = stage.textured_mesh()  # the NeRF's frame is the optimisation frame; no input frame to go back to
     # the baked result is rendered (turntable, rewards) by a texture stage that takes no steps
-    viewer = TextureStage(models, unit, spec.prompt, n0, preset.texture, _texture_guidance(preset, spec), spec.seed,
+    viewer = TextureStage(models, baked, spec.prompt, n0, preset.texture, _texture_guidance(preset, spec), spec.seed,
                           out, rig_from_spec(spec.cameras), ctx=ctx)
+    world = Mesh(baked.positions, baked.faces, baked.uvs)
     pos, faces, uvs = mesh_snapshot_arrays(world)
     yield MeshSnapshot(stage.step, pos, faces, uvs, stage.topology_id + 1)
     yield TextureSnapshot(stage.step, viewer.texture_rgba())
-    yield finish(viewer, world, spec.prompt, out, f"generate mvdream {spec.method}: {spec.prompt}", source=stage)
+    yield finish(viewer, world, spec.prompt, out, f"generate {spec.recipe} {spec.method}: {spec.prompt}", source=stage)
+
+
+def _generate_single(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
+    """The paper's single stage (Table 1): NeRF on MVDream, then the surface at density 25 with
+    the albedo baked into a UV texture."""
+    preset, models, n0, ctx = _prepare(spec, out, models)
+    atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict(),
+                                          "nerf_steps": spec.steps or preset.single.steps,
+                                          "guidance": config_to_json(preset.single.guidance)})
+    stage = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume)
+    yield from _finish_coarse(spec, out, preset, models, n0, ctx, stage)

@@ -3,9 +3,9 @@ object, one front and one back), as MVDream-threestudio's ``configs/mvdream-sd21
 with PSD, SDS or DreamDPO as the guidance. Streams the mesh extracted at density 25 while it
 optimises; the result is that mesh with the albedo baked into a UV texture.
 
-Frames: the NeRF lives in MVDream's radius-1 box (``geometry.radius: 1.0``) with glTF's axes
-(+Y up, front +Z); :data:`NERF_TO_UNIT` maps it into the unit frame the other stages and the
-artist's Size use (the box [-1, 1] onto [-0.5, 0.5])."""
+Frame: the NeRF lives in MVDream's radius-1 box (``geometry.radius: 1.0``) with glTF's axes
+(+Y up, front +Z): the box of the DMTet grid (``TetGrid.cube``, CFD's ``geometry.radius: 1.0``), so
+every recipe's result comes out in the same optimisation frame."""
 
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import MVDREAM_SCHEDULE, RandomAnnealedSchedule
 from backend.render.camera import MultiViewOrbit
 from backend.render.volume import EnvironmentMapBackground, OccupancyGrid, VolumeRenderConfig, orientation_loss, render_volume
-
-NERF_TO_UNIT = 0.5
 
 # mvdream-sd21.yaml system.prompt_processor.negative_prompt: the negative the config conditions on
 MVDREAM_NEGATIVE_PROMPT = (
@@ -164,7 +162,7 @@ class NerfStage(DistillationStage):
     def snapshot_event(self) -> MeshSnapshot:
         mesh = self.extract()
         self.topology_id += 1  # every extraction has faces of its own
-        world = self.to_world(mesh.positions.numpy() * NERF_TO_UNIT).astype("float32")
+        world = self.to_world(mesh.positions.numpy()).astype("float32")
         return MeshSnapshot(self.step, world, mesh.faces.numpy().astype("int32"), None, self.topology_id)
 
     def textured_mesh(self) -> Mesh:

@@ -15,7 +15,9 @@ REWARD_ITEMS = [("hpsv2.1", "HPSv2.1", "Human Preference Score v2.1 (the paper's
                 ("pickscore", "PickScore", "PickScore (CLIP-H fine-tuned on Pick-a-Pic)")]
 RECIPE_ITEMS = [("sd-dmtet", "SD + DMTet", "DMTet geometry on Stable Diffusion from a sphere, then the PSD texture stage"),
                 ("mvdream", "MVDream", "The paper's single stage: a NeRF distilled from MVDream's four joint views "
-                                       "(one front, one back), baked to a textured mesh")]
+                                       "(one front, one back), baked to a textured mesh"),
+                ("mvdream-dmtet", "MVDream + DMTet", "The paper's 3-stage pipeline: the MVDream NeRF's shape refined as DMTet "
+                                                     "on Stable Diffusion, then the PSD texture stage (slowest, most detail)")]
 CAMERA_ITEMS = [("ORBIT", "Orbit", "Sample views on an orbit around the object"),
                 ("SCENE", "Scene Cameras", "Use the scene's camera objects as the views")]
 BATCH_SOURCE_ITEMS = [("TEXT", "Text Block", "One prompt a line, from a text block in this file"),
