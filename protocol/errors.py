@@ -52,6 +52,18 @@ class CancelledError(Psd3dError):
     code = "cancelled"
 
 
+class UnsupportedEnvironmentError(Psd3dError):
+    """The machine cannot run psd3d safely as it is (e.g. a libzmq with a known vulnerability)."""
+
+    code = "unsupported_environment"
+
+
+class UnauthorizedError(Psd3dError):
+    """A request from a CURVE key that is no longer on the server's allow-list (revoked)."""
+
+    code = "unauthorized"
+
+
 def require(condition: bool, field: str, reason: str) -> None:
     """Raise :class:`InvalidInputError` naming ``field`` unless ``condition`` holds."""
     if not condition:

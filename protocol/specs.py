@@ -17,6 +17,28 @@ MAX_PROMPT_CHARS = 1000  # a cheap bound before tokenising; the tokenizer's 77-t
 MAX_STEPS = 100_000
 MAX_SEED = 2**63 - 1  # seeds are integers in 0..MAX_SEED
 MIN_T, MAX_T = 0.02, 0.98  # the timestep range score distillation draws from, as fractions of T
+MAX_PATH_CHARS = 4096
+
+
+def is_int(x) -> bool:
+    """An integer that is not a bool (msgpack's true would pass ``isinstance(x, int)``)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _kind(x) -> str:
+    return {dict: "a map", list: "a list", bool: "a boolean", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def check_path(value, field: str, what: str) -> None:
+    """A file name a spec carries: a non-blank string without NUL bytes (which no file system takes)."""
+    require(isinstance(value, str) and value.strip() != "", field, f"must name {what}, got {_kind(value)}")
+    require("\0" not in value, field, "contains a NUL byte")
+    require(len(value) <= MAX_PATH_CHARS, field, f"has {len(value)} characters, at most {MAX_PATH_CHARS}")
 
 
 @dataclass(kw_only=True)
@@ -36,24 +58,34 @@ class JobSpec:
     interval: int | None = None
 
     def validate(self, presets: tuple[str, ...]) -> None:
-        require(isinstance(self.prompt, str), "prompt", "must be a string")
+        """Every field's type and range: a spec that passes runs (nothing is acknowledged that fails
+        later on its own input). Booleans are not numbers here, although Python says they are."""
+        require(isinstance(self.prompt, str), "prompt", f"must be a string, got {_kind(self.prompt)}")
         require(self.prompt.strip() != "", "prompt", "is empty; describe what to make")
         require(len(self.prompt) <= MAX_PROMPT_CHARS, "prompt", f"has {len(self.prompt)} characters, at most {MAX_PROMPT_CHARS}")
         require_choice(self.method, METHODS, "method")
         require_choice(self.reward, REWARDS, "reward")
         require_choice(self.preset, presets, "preset")
         if self.steps is not None:
-            require(isinstance(self.steps, int) and 1 <= self.steps <= MAX_STEPS, "steps",
+            require(is_int(self.steps) and 1 <= self.steps <= MAX_STEPS, "steps",
                     f"must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED, "seed",
+        require(is_int(self.seed) and 0 <= self.seed <= MAX_SEED, "seed",
                 f"must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        if self.negative_prompt is not None:
+            require(isinstance(self.negative_prompt, str), "negative_prompt",
+                    f"must be a string or null, got {_kind(self.negative_prompt)}")
+            require(len(self.negative_prompt) <= MAX_PROMPT_CHARS, "negative_prompt",
+                    f"has {len(self.negative_prompt)} characters, at most {MAX_PROMPT_CHARS}")
+        if self.negative_embedding is not None:
+            check_path(self.negative_embedding, "negative_embedding", "a finished job's id or a file path")
         for name in ("guidance_scale", "reward_scale"):
             value = getattr(self, name)
             if value is not None:
-                require(isinstance(value, (int, float)) and math.isfinite(value), name, f"must be a finite number, got {value!r}")
+                require(is_number(value), name, f"must be a finite number, got {value!r}")
                 require(value >= 0, name, f"must be >= 0, got {value!r}")
         if self.interval is not None:
-            require(isinstance(self.interval, int) and self.interval >= 1, "interval", f"must be an integer >= 1, got {self.interval!r}")
+            require(is_int(self.interval) and 1 <= self.interval <= MAX_STEPS, "interval",
+                    f"must be an integer in 1..{MAX_STEPS}, got {self.interval!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,10 +103,9 @@ def check_camera_rig(rig) -> None:
     """A rig is ``{"orbit": {"elevation": [lo, hi], "azimuth": [lo, hi], "distance": [lo, hi], "fov_y": [lo, hi]}}``
     (degrees; distance in units of the normalised object, which spans 1) or ``{"matrices": [[16 floats,
     row-major camera-to-world, OpenGL camera looking down -Z, in the input's glTF frame], ...], "fov_y": [deg, ...]}``."""
-    def number(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    require(isinstance(rig, dict) and len(rig) in (1, 2), "cameras", "must be {'orbit': {...}} or {'matrices': [...], 'fov_y': [...]}")
+    number = is_number
+    shape = "must be {'orbit': {...}} or {'matrices': [...], 'fov_y': [...]}"
+    require(isinstance(rig, dict) and (set(rig) == {"orbit"} or set(rig) == {"matrices", "fov_y"}), "cameras", shape)
     if "orbit" in rig:
         orbit = rig["orbit"]
         require(isinstance(orbit, dict), "cameras.orbit", "must be a map of ranges")
@@ -125,11 +156,10 @@ class RefineSpec(MeshJobSpec):
     max_t: float | None = None
 
     def validate(self, presets: tuple[str, ...]) -> None:
-        require(isinstance(self.mesh, str) and self.mesh.strip() != "", "mesh", "must name a mesh file")
+        check_path(self.mesh, "mesh", "a mesh file")
         super().validate(presets)
         if self.max_t is not None:
-            require(isinstance(self.max_t, (int, float)) and not isinstance(self.max_t, bool) and math.isfinite(self.max_t)
-                    and MIN_T <= self.max_t <= MAX_T, "max_t",
+            require(is_number(self.max_t) and MIN_T <= self.max_t <= MAX_T, "max_t",
                     f"must be a number in [{MIN_T}, {MAX_T}] (a fraction of the diffusion schedule), got {self.max_t!r}")
 
 
@@ -152,7 +182,7 @@ class GenerateSpec(MeshJobSpec):
         super().validate(presets)
         require_choice(self.recipe, RECIPES, "recipe")
         if self.init_mesh is not None:
-            require(isinstance(self.init_mesh, str) and self.init_mesh.strip() != "", "init_mesh", "must name a mesh file")
+            check_path(self.init_mesh, "init_mesh", "a mesh file")
             require(self.recipe == "sd-dmtet", "init_mesh", f"starts the sd-dmtet recipe only, not {self.recipe!r}")
 
 

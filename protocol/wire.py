@@ -11,6 +11,7 @@ numpy only (the Blender add-on imports this).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -134,7 +135,7 @@ def _decode_header(header: dict, buffers: list[memoryview]) -> Message:
         _require(isinstance(shape, list) and len(shape) <= MAX_NDIM
                  and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_ARRAY_ELEMENTS for n in shape),
                  f"{where}.shape", f"must be a list of at most {MAX_NDIM} non-negative integers")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python integers: a product that would wrap in int64 (to 0) stays too large
         _require(count <= MAX_ARRAY_ELEMENTS, f"{where}.shape", f"{count} elements, at most {MAX_ARRAY_ELEMENTS}")
         _require(isinstance(frame, int) and not isinstance(frame, bool) and 1 <= frame < len(buffers) and frame not in used,
                  f"{where}.frame", f"must be an unused frame index in 1..{len(buffers) - 1}")

@@ -236,3 +236,134 @@ def test_the_event_cursor_delivers_once_in_order_and_nothing_after_the_end():
     late = EventCursor(last=3)  # a client that saw all of an ended job, told so by a subscribe reply
     assert late.caught_up("done", 3) and not EventCursor(last=2).caught_up("done", 3)
     assert not EventCursor(last=3).caught_up("running", 3)
+
+
+# -- issue 16, item 5: validated before acknowledged, one named error per bad input -------------
+
+def _only_reply(raw: Raw, rid: str) -> dict:
+    """The one reply to ``rid``; a second message with the same id within a moment fails the test."""
+    reply = raw.reply(rid)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        if raw.sock.poll(50):
+            msg = msgpack.unpackb(raw.sock.recv_multipart()[0], raw=False)
+            assert msg.get("id") != rid or msg["type"] == "event", f"a second reply to {rid}: {msg}"
+    return reply
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"seed": True}, "spec.seed"),
+    ({"seed": 1.5}, "spec.seed"),
+    ({"steps": True}, "spec.steps"),
+    ({"negative_prompt": 0}, "spec.negative_prompt"),
+    ({"negative_prompt": {}}, "spec.negative_prompt"),
+    ({"negative_prompt": [1]}, "spec.negative_prompt"),
+    ({"negative_embedding": 5}, "spec.negative_embedding"),
+    ({"negative_embedding": "a\0b"}, "spec.negative_embedding"),
+    ({"negative_embedding": {}}, "spec.negative_embedding"),
+    ({"method": ["psd"]}, "spec.method"),
+    ({"reward": {}}, "spec.reward"),
+    ({"preset": ["tiny"]}, "spec.preset"),
+    ({"guidance_scale": True}, "spec.guidance_scale"),
+    ({"reward_scale": "1"}, "spec.reward_scale"),
+    ({"interval": True}, "spec.interval"),
+    ({"interval": 2.0}, "spec.interval"),
+    ({"prompt": 7}, "spec.prompt"),
+])
+def test_a_spec_field_of_the_wrong_type_is_refused_at_submit(raw, spec, field):
+    rid = raw.send("submit", {"pipeline": "image2d", "spec": {"prompt": "a cup", "steps": 1, **spec}})
+    code, got = _error(_only_reply(raw, rid))
+    assert (code in ("invalid_input", "unknown_name"), got) == (True, field)
+    assert raw.ask("list", {})["body"]["jobs"] == []  # refused, not acknowledged then failed
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"cameras": {"orbit": {"elevation": [0, True]}}}, "spec.cameras.orbit.elevation"),
+    ({"cameras": {"matrices": [[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, True]], "fov_y": [40]}}, "spec.cameras.matrices[0]"),
+    ({"cameras": {"orbit": {"elevation": [0, 10]}, "matrices": []}}, "spec.cameras"),
+    ({"cameras": {"orbit": {"elevation": [0, 10]}, "fov": 1}}, "spec.cameras"),
+    ({"cameras": {"matrices": [[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]], "fov_y": [40], "x": 1}}, "spec.cameras"),
+    ({"rasterizer": ["torch"]}, "spec.rasterizer"),
+    ({"recipe": {}}, "spec.recipe"),
+    ({"init_mesh": 3}, "spec.init_mesh"),
+])
+def test_a_generate_spec_field_of_the_wrong_type_is_refused_at_submit(raw, spec, field):
+    rid = raw.send("submit", {"pipeline": "generate", "spec": {"prompt": "a cup", "steps": 1, **spec}})
+    code, got = _error(_only_reply(raw, rid))
+    assert code in ("invalid_input", "unknown_name") and got == field
+    assert raw.ask("list", {})["body"]["jobs"] == []
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"pipeline": {"a": 1}, "spec": {"prompt": "a cup"}}, "pipeline"),
+    ({"pipeline": ["image2d"], "spec": {"prompt": "a cup"}}, "pipeline"),
+    ({"pipeline": ["image2d"], "spec": {}, "prompts": ["a cup"]}, "pipeline"),
+    ({"pipeline": "image2d", "spec": {}, "prompts": "a cup"}, "prompts"),
+    ({"pipeline": "image2d", "spec": {}, "prompts": [3]}, "prompts[0]"),
+    ({"pipeline": "image2d", "spec": {"prompt": "a cup"}, "key": 5}, "key"),
+])
+def test_a_submit_body_of_the_wrong_type_gets_one_named_error(raw, body, field):
+    rid = raw.send("submit", body)
+    code, got = _error(_only_reply(raw, rid))
+    assert code in ("invalid_input", "unknown_name") and got == field
+
+
+def test_an_array_shape_whose_product_overflows_is_a_named_wire_error(raw):
+    # 2**32 * 2**32 wraps to 0 in int64: the frame length check must not be fooled into an empty array
+    shape = [1 << 26, 1 << 26, 1 << 12]
+    raw.send_frames([header(id="ov", type="submit", body={"pipeline": "refine", "spec": {"prompt": "a cup"}},
+                            arrays=[{"name": "positions", "dtype": "float32", "shape": shape, "frame": 1}]), b""])
+    code, field = _error(_only_reply(raw, "ov"))
+    assert (code, field) == ("bad_message", "arrays[0].shape")
+
+
+def test_subscribe_with_a_huge_after_gets_one_named_error(raw):
+    job = raw.ask("submit", {"pipeline": "image2d", "spec": {"prompt": "a cup", "steps": 1}})["body"]["jobs"][0]
+    for after in (2**63, 2**64 - 1, 2**63 - 1):
+        rid = raw.send("subscribe", {"job": job, "after": after})
+        reply = _only_reply(raw, rid)
+        if after == 2**63 - 1:  # the largest allowed: no event can follow it
+            assert reply["type"] == "ok"
+        else:
+            assert _error(reply) == ("invalid_input", "after")
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"job": 5}, "job"), ({"job": {}}, "job"), ({"job": "0" * 32, "after": True}, "after"),
+    ({"job": "0" * 32, "after": 1.5}, "after"), ({"job": "0" * 32, "texture_encoding": []}, "texture_encoding"),
+])
+def test_subscribe_fields_of_the_wrong_type_get_one_named_error(raw, body, field):
+    rid = raw.send("subscribe", body)
+    assert _error(_only_reply(raw, rid))[1] == field
+
+
+def test_list_pages_through_a_300_job_batch(raw, server):
+    prompts = [f"a cup {i}" for i in range(300)]
+    body = raw.ask("submit", {"pipeline": "image2d", "spec": {"steps": 100000}, "prompts": prompts})["body"]
+    batch, ids = body["batch"], body["jobs"]
+    seen, offset = [], 0
+    while True:
+        page = raw.ask("list", {"batch": batch, "offset": offset, "limit": 120})["body"]
+        seen += [job["id"] for job in page["jobs"]]
+        assert page["total"] == 300
+        if page["next"] is None:
+            break
+        offset = page["next"]
+    assert sorted(seen) == sorted(ids) and len(seen) == 300
+    first = raw.ask("list", {"batch": batch})["body"]  # default page: 200, and where the next one starts
+    assert len(first["jobs"]) == 200 and first["next"] == 200
+    for bad, field in (({"limit": 0}, "limit"), ({"limit": 10**6}, "limit"), ({"offset": -1}, "offset"),
+                       ({"offset": True}, "offset"), ({"batch": 3}, "batch")):
+        assert _error(raw.ask("list", bad)) == ("invalid_input", field)
+    for job in ids:
+        raw.ask("cancel", {"job": job})
+
+
+def test_an_old_libzmq_is_refused_with_a_psd3d_error(tmp_path, monkeypatch):
+    from protocol.errors import Psd3dError
+
+    monkeypatch.setattr(zmq, "zmq_version_info", lambda: (4, 3, 1))
+    monkeypatch.setattr(zmq, "zmq_version", lambda: "4.3.1")
+    with pytest.raises(Psd3dError) as caught:
+        Server(tmp_path / "data", bind="tcp://127.0.0.1:*")
+    assert "4.3.2" in str(caught.value) and caught.value.code != "internal"

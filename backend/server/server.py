@@ -25,8 +25,8 @@ import numpy as np
 import zmq
 
 from protocol.cursor import SNAPSHOTS, TERMINAL
-from protocol.errors import InvalidInputError, Psd3dError, UnknownNameError
-from protocol.specs import METHODS, REWARDS, BatchSpec
+from protocol.errors import InvalidInputError, Psd3dError, UnknownNameError, UnsupportedEnvironmentError
+from protocol.specs import METHODS, REWARDS, BatchSpec, is_int
 from protocol.messages import (REQUESTS, SPECS, TEXTURE_ENCODINGS, UPLOADED_MESH_FIELD, check_mesh_arrays, error,
                                in_body, limits, ok, png_variant, spec_from_body, spec_path, validate_spec, wants_png)
 from protocol.wire import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
@@ -38,6 +38,8 @@ DEFAULT_BIND = "tcp://127.0.0.1:5557"
 HEARTBEAT_MS = 2000
 SEND_HWM = 1000  # messages queued per peer before sends to it are dropped
 MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
+MAX_SEQ = 2**63 - 1  # sequence numbers (and list offsets) are SQLite integers
+LIST_LIMIT = 200  # jobs per ``list`` page (the default and the largest)
 RESULT_FILES = ("out.glb", "preview.png", "image.png", "metrics.json", "reward_curve.png", "negative_embedding.pt")
 
 
@@ -87,11 +89,18 @@ def check_bind(address: str, keys: Path | None) -> None:
                                 f"see `psd3d keys new`)", field="bind")
 
 
+def check_libzmq() -> None:
+    """Refuse a libzmq older than MIN_LIBZMQ (a psd3d error, which the CLI prints, not a traceback)."""
+    if tuple(zmq.zmq_version_info()) < MIN_LIBZMQ:
+        raise UnsupportedEnvironmentError(
+            f"libzmq: {zmq.zmq_version()} is older than {'.'.join(map(str, MIN_LIBZMQ))} (CVE-2019-13132); "
+            f"upgrade pyzmq (`pip install -U pyzmq`, whose wheels bundle a current libzmq)", field="libzmq")
+
+
 class Server:
     def __init__(self, data_dir: str | Path, bind: str = DEFAULT_BIND, presets: tuple[str, ...] = (),
                  keys: str | Path | None = None) -> None:
-        if zmq.zmq_version_info() < MIN_LIBZMQ:
-            raise RuntimeError(f"libzmq {zmq.zmq_version()} is older than 4.3.2 (CVE-2019-13132); upgrade pyzmq")
+        check_libzmq()
         check_bind(bind, Path(keys) if keys else None)
         self.store = JobStore(data_dir)
         self.store.recover()
@@ -206,11 +215,11 @@ class Server:
             specs = [spec_from_body(body.get("pipeline"), {**spec_fields, "prompt": p}) for p in prompts]
         else:
             specs = [spec_from_body(body.get("pipeline"), spec_fields)]
-        for i, spec in enumerate(specs):  # validate everything before acknowledging anything
+        for i, spec in enumerate(specs):  # validate everything (every field's type first) before acknowledging anything
+            validate_spec(spec, self.presets, i if prompts is not None else None)
             ne = getattr(spec, "negative_embedding", None)
             if ne and self.store.is_job_id(ne):  # a finished job's learned n, by id
                 spec.negative_embedding = str(self.store.folder(ne) / "negative_embedding.pt")
-            validate_spec(spec, self.presets, i if prompts is not None else None)
             self._check_files(spec)
         parked = _Parked(peer, msg, specs, prompts is not None, {spec.preset: self.tokenizer(spec.preset) for spec in specs})
         if not parked.ready:
@@ -312,8 +321,22 @@ class Server:
         return ok(msg, self.store.get(msg.body.get("job")).to_dict())
 
     def on_list(self, peer, msg):
-        batch = msg.body.get("batch")  # follow one batch together
-        return ok(msg, {"jobs": [r.to_dict() for r in self.store.list() if batch is None or r.batch == batch]})
+        """A page of jobs, newest first: ``offset`` (default 0) and ``limit`` (1..LIST_LIMIT, default
+        LIST_LIMIT); the reply's ``next`` is the offset of the next page, null after the last, and
+        ``total`` counts every job that matched."""
+        body = msg.body
+        batch = body.get("batch")  # follow one batch together
+        if batch is not None and not self.store.is_job_id(batch):
+            raise InvalidInputError(f"batch: {batch!r} is not a batch id (32 hex characters)", field="batch")
+        offset, limit = body.get("offset", 0), body.get("limit", LIST_LIMIT)
+        if not is_int(offset) or not 0 <= offset <= MAX_SEQ:
+            raise InvalidInputError(f"offset: must be a non-negative integer, got {offset!r}", field="offset")
+        if not is_int(limit) or not 1 <= limit <= LIST_LIMIT:
+            raise InvalidInputError(f"limit: must be an integer in 1..{LIST_LIMIT}, got {limit!r}", field="limit")
+        rows = [r for r in self.store.list(limit=-1) if batch is None or r.batch == batch]  # -1: SQLite's no limit
+        page = rows[offset:offset + limit]
+        following = offset + len(page) if offset + len(page) < len(rows) else None
+        return ok(msg, {"jobs": [r.to_dict() for r in page], "next": following, "total": len(rows)})
 
     def on_cancel(self, peer, msg):
         row = self.store.get(msg.body.get("job"))
@@ -338,22 +361,27 @@ class Server:
     def on_subscribe(self, peer, msg):
         job = msg.body.get("job")
         after = msg.body.get("after", 0)
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-            raise InvalidInputError("after: must be a non-negative integer (the last sequence number seen)", field="after")
+        if not is_int(after) or not 0 <= after <= MAX_SEQ:
+            raise InvalidInputError(f"after: must be an integer in 0..{MAX_SEQ} (the last sequence number seen), "
+                                    f"got {after!r}", field="after")
         encoding = msg.body.get("texture_encoding", "auto")
         if encoding not in TEXTURE_ENCODINGS:
             raise UnknownNameError(f"texture_encoding: {encoding!r} is not one of {', '.join(TEXTURE_ENCODINGS)}",
                                    field="texture_encoding")
         row = self.store.get(job)
-        self.encodings[peer] = encoding
+        # read everything before the reply goes out: a failure here is the one (error) reply, never a second
         last = self.store.last_event(row.id)
+        reply = ok(msg, {"job": row.id, "state": row.state, "last": self.store.last_seq(row.id)})
+        snapshots = list(self.latest.of(row))
+        missed = self.store.events_after(row.id, after)
+        self.encodings[peer] = encoding
         ended = last is not None and last["kind"] in TERMINAL
         if not ended:  # a job that has ended sends nothing more: no subscription to keep
             self.subscribers.setdefault(row.id, set()).add(peer)
-        self._send(peer, ok(msg, {"job": row.id, "state": row.state, "last": self.store.last_seq(row.id)}))
-        for snap in self.latest.of(row):  # the latest snapshots first: "done" ends a client's watch
+        self._send(peer, reply)
+        for snap in snapshots:  # the latest snapshots first: "done" ends a client's watch
             self._send_event(peer, snap)
-        for body in self.store.events_after(row.id, after):  # then replay what the client missed
+        for body in missed:  # then replay what the client missed
             self._send(peer, Message("event", "", body))
         return None
 
