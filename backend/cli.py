@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--recipe", choices=RECIPES, default=None,
                        help="sd-dmtet (default): DMTet geometry on Stable Diffusion, then the texture stage; "
                             "mvdream: the paper's single stage, a NeRF distilled from MVDream's four views, baked; "
+                            "mvdream-nerf: the paper's 2-stage pipeline, that NeRF refined on SD 2.1 at 512^2; "
                             "mvdream-dmtet: the paper's 3-stage pipeline, that NeRF -> DMTet geometry -> PSD texture")
 
     def max_t(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from backend.psd.schedule import DdimLikeSchedule
 from backend.psd.tiny import TINY_CLIP_ARCH, TINY_MVDREAM_CHECKPOINT, TINY_MVDREAM_CONFIG, TINY_NAME
 from backend.geometry.nerf import HashGridConfig, NerfConfig
 from backend.pipelines.geometry_stage import GeometrySettings
-from backend.pipelines.nerf_stage import SingleStageSettings
+from backend.pipelines.nerf_stage import SD_NERF_STAGE2, NerfSettings
 from backend.render.volume import VolumeRenderConfig
 from backend.pipelines.texture_stage import TextureSettings
 
@@ -70,7 +70,8 @@ class Preset:
     image2d: Image2dSettings
     geometry: GeometrySettings
     texture: TextureSettings
-    single: SingleStageSettings = field(default_factory=SingleStageSettings)  # generate --recipe mvdream
+    single: NerfSettings = field(default_factory=NerfSettings)  # generate --recipe mvdream (and the coarse stage)
+    nerf_refine: NerfSettings = SD_NERF_STAGE2  # the 2-stage pipeline's second stage (--recipe mvdream-nerf)
 
 
 _TINY_ROOT = TINY_NAME  # resolved under $PSD3D_HOME/models
@@ -103,11 +104,15 @@ PRESETS: dict[str, Preset] = {
         texture=TextureSettings(steps=8, render_size=64, prior_size=64, texture_size=64, texture_levels=2,
                                 snapshot_every=4, checkpoint_every=4,
                                 guidance=replace(TextureSettings().guidance, decode=DecodeConfig(tiny=True))),
-        single=SingleStageSettings(steps=8, render_sizes=(32, 64), objects=(1, 1), prior_size=64,
-                                   nerf=NerfConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12),
-                                                   isosurface_resolution=32),
-                                   render=VolumeRenderConfig(num_samples_per_ray=64), texture_size=64,
-                                   extract_resolution=32, snapshot_every=4, checkpoint_every=4),
+        single=NerfSettings(steps=8, render_sizes=(32, 64), objects=(1, 1), prior_size=64,
+                            nerf=NerfConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12),
+                                            isosurface_resolution=32),
+                            render=VolumeRenderConfig(num_samples_per_ray=64), texture_size=64,
+                            extract_resolution=32, snapshot_every=4, checkpoint_every=4),
+        nerf_refine=replace(SD_NERF_STAGE2, steps=8, render_sizes=(64, 64), prior_size=64,
+                            render=VolumeRenderConfig(num_samples_per_ray=64), texture_size=64,
+                            extract_resolution=32, snapshot_every=4, checkpoint_every=4,
+                            guidance=replace(SD_NERF_STAGE2.guidance, decode=DecodeConfig(tiny=True))),
     ),
     "sd21-draft": Preset(
         name="sd21-draft",
@@ -117,7 +122,8 @@ PRESETS: dict[str, Preset] = {
         geometry=GeometrySettings(steps=3000, grid_resolution=64, render_size=256, prior_size=512),
         texture=TextureSettings(steps=3000, render_size=512, texture_size=512),
         # a quicker single stage: fewer steps, one object per step, a 512^2 texture (ours)
-        single=SingleStageSettings(steps=3000, objects=(1, 1), texture_size=512),
+        single=NerfSettings(steps=3000, objects=(1, 1), texture_size=512),
+        nerf_refine=replace(SD_NERF_STAGE2, steps=3000, texture_size=512),
     ),
     "sd21-paper": Preset(
         name="sd21-paper",

@@ -167,8 +167,9 @@ class RefineSpec(MeshJobSpec):
 # block-out, then a PSD texture stage (Fantasia3D's recipe). "mvdream": the paper's single stage
 # (Table 1): a NeRF distilled from MVDream's four joint views, extracted and baked to a textured mesh.
 # "mvdream-dmtet": the paper's 3-stage pipeline (Table 2): that NeRF starts the DMTet geometry stage
-# on Stable Diffusion, then the PSD texture stage.
-RECIPES = ("sd-dmtet", "mvdream", "mvdream-dmtet")
+# on Stable Diffusion, then the PSD texture stage. "mvdream-nerf": the paper's 2-stage pipeline
+# (Table 2): that NeRF refined on Stable Diffusion at 512², then baked.
+RECIPES = ("sd-dmtet", "mvdream", "mvdream-nerf", "mvdream-dmtet")
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ from protocol.events import Done, MeshSnapshot, Progress, TextureSnapshot
 from protocol.specs import GenerateSpec
 from backend.geometry.mesh import load_mesh
 from backend.pipelines.mesh3d import run_generate
-from backend.pipelines.nerf_stage import SingleStageSettings
+from backend.pipelines.nerf_stage import SD_NERF_STAGE2, NerfSettings
 from backend.presets import PRESETS
 
 
@@ -83,7 +83,7 @@ def test_init_mesh_belongs_to_the_dmtet_recipe():
 
 def test_paper_settings_come_from_mvdream_sd21_yaml():
     s = PRESETS["sd21-paper"].single
-    assert s == SingleStageSettings()
+    assert s == NerfSettings() and PRESETS["sd21-paper"].nerf_refine == SD_NERF_STAGE2
     assert s.steps == 10000 and s.render_sizes == (64, 256) and s.objects == (2, 1) and s.prior_size == 256
     assert s.guidance.guidance_scale == 51.0 and s.negative.lr == 1e-4
     assert (s.render_size(4999, 10000), s.render_size(5000, 10000)) == (64, 256)
@@ -112,3 +112,22 @@ def test_stop_in_the_coarse_stage_of_three_keeps_the_baked_nerf(tmp_path, tiny):
     assert isinstance(events[-1], Done), events[-1]
     assert {e.stage for e in events if isinstance(e, Progress)} == {"nerf"}
     assert load_mesh(tmp_path / "out.glb").texture is not None
+
+
+def test_two_stage_pipeline_refines_the_mvdream_nerf_on_sd(tmp_path, tiny):
+    events = list(run_generate(GenerateSpec(prompt="a vase", recipe="mvdream-nerf", steps=2, seed=5), tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    assert [e.stage for e in events if isinstance(e, Progress)] == ["nerf"] * 2 + ["nerf-refine"] * 2
+    out = load_mesh(tmp_path / "out.glb")
+    assert out.uvs is not None and out.texture is not None
+    assert (tmp_path / "checkpoints" / "nerf.pt").is_file() and (tmp_path / "checkpoints" / "nerf-refine.pt").is_file()
+
+
+def test_sd_nerf_stage2_settings_and_the_decaying_negative_rate():
+    from backend.psd.negative import NegativeEmbedding
+
+    s = SD_NERF_STAGE2
+    assert (s.steps, s.render_sizes, s.guidance.guidance_scale) == (20_000, (512, 512), 71.0)
+    assert (s.z_variance, s.normal_smooth) == (5.0, 500.0)  # CFD's 10 and 1000, halved (CFD_LOSS_SCALE)
+    n = NegativeEmbedding(torch.zeros(1, 2, 3), s.negative)
+    assert [n.lr_at(k) for k in (0, 500, 1000, 5000)] == [1e-4, 5e-5, 0.0, 0.0]

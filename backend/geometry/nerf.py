@@ -352,12 +352,15 @@ def bake_albedo(field: NerfField, mesh: Mesh, texture_size: int = 1024, ctx: Ras
     centre_uv = out.uvs.mean(dim=1)
     col = (centre_uv[:, 0] * texture_size).long().clamp(0, texture_size - 1)
     row = (centre_uv[:, 1] * texture_size).long().clamp(0, texture_size - 1)
-    missed = ~mask.cpu()[row, col]
-    if missed.any():
-        centres = out.positions[out.faces[missed]].mean(dim=1)
-        colour[row[missed].to(device), col[missed].to(device)] = _evaluate(field.albedo, centres.to(device), chunk)
+    missed = torch.nonzero(~mask.cpu()[row, col]).squeeze(1)
+    if len(missed):
+        flat, where = torch.unique(row[missed] * texture_size + col[missed], return_inverse=True)
+        first = torch.full((len(flat),), len(missed)).scatter_reduce(0, where, torch.arange(len(missed)), "amin")
+        faces = missed[first]  # one face per texel, the lowest index: the same bake every time
+        centres = out.positions[out.faces[faces]].mean(dim=1)
+        colour[row[faces].to(device), col[faces].to(device)] = _evaluate(field.albedo, centres.to(device), chunk)
         mask = mask.cpu().clone()
-        mask[row[missed], col[missed]] = True
+        mask[row[faces], col[faces]] = True
     colour = dilate(colour.cpu(), mask.cpu(), iterations=max(8, texture_size // 64))
     rgba = np.full((texture_size, texture_size, 4), 255, dtype=np.uint8)
     rgba[..., :3] = (colour.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()

@@ -12,3 +12,6 @@ CFD_CAMERAS = OrbitSpec(elevation=(0.0, 40.0), azimuth=(-180.0, 180.0), distance
 # CFD's SDS loss is ``sum((x - (x - g))^2) / B`` (``reduction: l2``), whose gradient is 2g; ours
 # (guidance.distillation_loss) has gradient g. A CFD ``lambda_*`` is therefore half as large here.
 CFD_LOSS_SCALE = 0.5
+
+# configs/cfd/sd-nerf-stage2.yaml data.*_range: the 2-stage pipeline's second (NeRF) stage
+CFD_NERF_CAMERAS = OrbitSpec(elevation=(0.0, 40.0), azimuth=(-180.0, 180.0), distance=(1.5, 1.8), fov_y=(55.0, 65.0))

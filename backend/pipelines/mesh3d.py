@@ -29,7 +29,7 @@ from backend.pipelines.common import internal_failure
 from backend.pipelines.geometry_stage import GeometryStage, Primitive
 from backend.outputs import config_to_json
 from backend.pipelines.results import finish, mesh_snapshot_arrays
-from backend.pipelines.nerf_stage import MVDREAM_NEGATIVE_PROMPT, NerfStage
+from backend.pipelines.nerf_stage import NerfStage
 from backend.pipelines.texture_stage import TextureStage
 from backend.presets import PRESETS, Preset, get_preset, with_overrides
 from backend.render.camera import rig_from_spec
@@ -119,8 +119,8 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
 
 
 def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
-    if spec.recipe == "mvdream":
-        yield from _generate_single(spec, out, models, should_stop, resume)
+    if spec.recipe in ("mvdream", "mvdream-nerf"):
+        yield from _generate_nerf(spec, out, models, should_stop, resume)
         return
     preset, models, n0, ctx = _prepare(spec, out, models)
     geo = preset.geometry
@@ -189,7 +189,7 @@ def _coarse_stage(spec: GenerateSpec, out: Path, preset: Preset, models: LoadedM
     settings = preset.single
     mv_prior = load_multiview(preset.models, device=models.prior.device, dtype=models.prior.dtype)
     if spec.negative_prompt is None and not spec.negative_embedding:
-        n0 = mv_prior.encode_text([MVDREAM_NEGATIVE_PROMPT], field="negative_prompt")
+        n0 = mv_prior.encode_text([settings.negative_prompt], field="negative_prompt")
     guidance = with_overrides(settings.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
                               reward_scale=spec.reward_scale, interval=spec.interval)
     total = spec.steps or settings.steps
@@ -215,12 +215,26 @@ def _finish_coarse(spec: GenerateSpec, out: Path, preset: Preset, models: Loaded
     yield finish(viewer, world, spec.prompt, out, f"generate {spec.recipe} {spec.method}: {spec.prompt}", source=stage)
 
 
-def _generate_single(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
-    """The paper's single stage (Table 1): NeRF on MVDream, then the surface at density 25 with
-    the albedo baked into a UV texture."""
+def _generate_nerf(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
+    """The paper's single stage (Table 1, recipe mvdream): NeRF on MVDream; with recipe
+    mvdream-nerf, Table 2's 2-stage pipeline: that NeRF refined on SD 2.1 (CFD's sd-nerf-stage2).
+    The result: the surface at density 25 with the albedo baked into a UV texture."""
     preset, models, n0, ctx = _prepare(spec, out, models)
     atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict(),
                                           "nerf_steps": spec.steps or preset.single.steps,
                                           "guidance": config_to_json(preset.single.guidance)})
     stage = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume)
+    if spec.recipe == "mvdream-nerf" and not should_stop():
+        settings = preset.nerf_refine
+        if spec.negative_prompt is None and not spec.negative_embedding:
+            n0 = models.prior.encode_text([settings.negative_prompt], field="negative_prompt")
+        guidance = with_overrides(settings.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
+                                  reward_scale=spec.reward_scale, interval=spec.interval)
+        refine = NerfStage(models, models.prior, spec.prompt, n0, settings, guidance, spec.seed, out,
+                           Normalisation().to_world, start=stage)
+        if resume:
+            refine.load_checkpoint()
+        yield from refine.run(spec.steps or settings.steps, should_stop)
+        refine.save_checkpoint()
+        stage = refine
     yield from _finish_coarse(spec, out, preset, models, n0, ctx, stage)

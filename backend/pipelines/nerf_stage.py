@@ -1,7 +1,9 @@
-"""The single stage of the paper's Table 1: a NeRF distilled from MVDream (four joint views per
-object, one front and one back), as MVDream-threestudio's ``configs/mvdream-sd21.yaml`` runs it,
-with PSD, SDS or DreamDPO as the guidance. Streams the mesh extracted at density 25 while it
-optimises; the result is that mesh with the albedo baked into a UV texture.
+"""NeRF stages: the single stage of the paper's Table 1, a NeRF distilled from MVDream (four joint
+views per object, one front and one back) as MVDream-threestudio's ``configs/mvdream-sd21.yaml``
+runs it; and the second stage of Table 2's 2-stage pipeline, that NeRF refined on Stable Diffusion
+2.1 at 512² as CFD's ``configs/cfd/sd-nerf-stage2.yaml`` runs it. PSD, SDS or DreamDPO is the
+guidance. Each streams the mesh extracted at density 25 while it optimises; the result is that
+mesh with the albedo baked into a UV texture.
 
 Frame: the NeRF lives in MVDream's radius-1 box (``geometry.radius: 1.0``) with glTF's axes
 (+Y up, front +Z): the box of the DMTet grid (``TetGrid.cube``, CFD's ``geometry.radius: 1.0``), so
@@ -22,14 +24,17 @@ from backend.geometry.nerf import NerfConfig, NerfField, bake_albedo, extract_me
 from backend.models import LoadedModels
 from backend.outputs import MetricsLog
 from backend.pipelines.stage import DistillationStage
-from backend.pipelines.views import resize_for_prior
+from backend.pipelines.views import ViewPrompts, resize_for_prior
 from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller, StepOutput
 from backend.psd.guidance import Weighting, distillation_loss
+from backend.pipelines.cfd import CFD_LOSS_SCALE, CFD_NERF_CAMERAS
 from backend.psd.mvdream import MultiViewPrior, mvdream_camera
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
-from backend.psd.schedule import MVDREAM_SCHEDULE, RandomAnnealedSchedule
-from backend.render.camera import MultiViewOrbit
-from backend.render.volume import EnvironmentMapBackground, OccupancyGrid, VolumeRenderConfig, orientation_loss, render_volume
+from backend.psd.prior import DiffusionPrior
+from backend.psd.schedule import MVDREAM_SCHEDULE, LinearAnnealSchedule, RandomAnnealedSchedule
+from backend.render.camera import MultiViewOrbit, OrbitSpec
+from backend.render.volume import (EnvironmentMapBackground, OccupancyGrid, VolumeRender, VolumeRenderConfig,
+                                   orientation_loss, render_volume, z_variance_loss)
 
 # mvdream-sd21.yaml system.prompt_processor.negative_prompt: the negative the config conditions on
 MVDREAM_NEGATIVE_PROMPT = (
@@ -38,22 +43,31 @@ MVDREAM_NEGATIVE_PROMPT = (
     "bad proportions")
 
 
+# sd-nerf-stage2.yaml system.prompt_processor.negative_prompt
+CFD_NEGATIVE_PROMPT = (
+    "lack details, ugly, oversmoothed, bad structure, out of focus, blurry, cartoon, oversaturated, foggy, hazy, "
+    "bad anatomy, malformed, pixelated obscure, unnatural colors, dull, unclear, lowres, low quality, deformed, "
+    "dehydrated")
+
+
 @dataclass(frozen=True)
-class SingleStageSettings:
-    """MVDream's single stage. Each field names its key in MVDream-threestudio's
-    ``configs/mvdream-sd21.yaml`` (``-shading.yaml`` where marked); "ours" where it is not there."""
+class NerfSettings:
+    """A NeRF stage. The defaults are MVDream's single stage, each field naming its key in
+    MVDream-threestudio's ``configs/mvdream-sd21.yaml`` (``-shading.yaml`` where marked); "ours"
+    where it is not there. :data:`SD_NERF_STAGE2` holds the 2-stage pipeline's second stage."""
 
     steps: int = 10000  # trainer.max_steps
     render_sizes: tuple[int, int] = (64, 256)  # data.width / data.height: [64, 256]
     size_switch: float = 0.5  # data.resolution_milestones: [5000] of 10000 steps
     objects: tuple[int, int] = (2, 1)  # data.batch_size: [8, 4] over data.n_view: 4
     prior_size: int = 256  # guidance.image_size: renders are resized to 256 before the VAE
-    cameras: MultiViewOrbit = field(default_factory=MultiViewOrbit)  # data.*_range, n_view
+    # data.*_range, n_view; a single-view prior takes an OrbitSpec
+    cameras: MultiViewOrbit | OrbitSpec = field(default_factory=MultiViewOrbit)
     # guidance.guidance_scale: 50 in threestudio's form is gamma = 51 here; recon_loss: true is the
     # s/a weighting (guidance.Weighting.RECON); PSD by default (appendix F.1)
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(
         method=Method.PSD, guidance_scale=51.0, weighting=Weighting.RECON))
-    schedule: RandomAnnealedSchedule = MVDREAM_SCHEDULE  # guidance.min/max_step_percent
+    schedule: RandomAnnealedSchedule | LinearAnnealSchedule = MVDREAM_SCHEDULE  # guidance.min/max_step_percent
     negative: NegativeConfig = field(default_factory=lambda: NegativeConfig(lr=1e-4))  # appendix F.1: 1e-4, constant
     nerf: NerfConfig = field(default_factory=NerfConfig)  # system.geometry
     render: VolumeRenderConfig = field(default_factory=VolumeRenderConfig)  # system.renderer
@@ -67,6 +81,11 @@ class SingleStageSettings:
     # the first 5000 of 10000 steps; appendix F.1 keeps the albedo-only material (no shading)
     orient: tuple[float, float] = (10.0, 1000.0)
     orient_ramp: float = 0.5
+    z_variance: float = 0.0  # system.loss.lambda_z_variance: 0. (HiFA's term)
+    normal_smooth: float = 0.0  # not in mvdream-sd21.yaml (the prolificdreamer system's 2D normal smoothness)
+    negative_prompt: str = MVDREAM_NEGATIVE_PROMPT  # system.prompt_processor.negative_prompt (when the job gives none)
+    view_prompts: bool = False  # guidance.view_dependent_prompting: false
+    name: str = "nerf"  # the Progress events' stage
     texture_size: int = 1024  # ours: the baked albedo
     extract_resolution: int = 128  # geometry.isosurface_resolution (threestudio's default)
     snapshot_every: int = 250  # ours: a streamed mesh costs one extraction
@@ -83,20 +102,59 @@ class SingleStageSettings:
         return self.orient[0] + (self.orient[1] - self.orient[0]) * ramp
 
 
-class NerfStage(DistillationStage):
-    name = "nerf"
-    CHECKPOINT = "checkpoints/nerf.pt"
+# Table 2's 2-stage pipeline, second stage: CFD's configs/cfd/sd-nerf-stage2.yaml (key per value;
+# a CFD lambda is halved here, CFD_LOSS_SCALE: its SDS loss has gradient 2g, ours g). The field and
+# its background continue from the MVDream stage (geometry_convert_inherit_texture: true), so they
+# keep that stage's hash grid (2^19 entries; CFD's configs use 2^20 in both stages).
+SD_NERF_STAGE2 = NerfSettings(
+    steps=20_000,  # trainer.max_steps
+    render_sizes=(512, 512),  # data.width / height (low_res_prob 0.2 is not used)
+    objects=(1, 1),  # data.batch_size: 1
+    prior_size=512,  # SD 2.1 base's native size
+    cameras=CFD_NERF_CAMERAS,
+    # guidance.guidance_scale: 70. (threestudio's form) is gamma 71; weighting_strategy: dmd
+    guidance=GuidanceConfig(method=Method.PSD, guidance_scale=71.0, weighting=Weighting.DMD),
+    schedule=LinearAnnealSchedule(),  # t_scheduler.linear_anneal_max: [0.6, 0.8] over linear_anneal_steps [0, 20000]
+    # appendix F.1: n's lr falls linearly from 1e-4 to 0 over the first 1000 steps
+    negative=NegativeConfig(lr=1e-4, linear_decay=1000),
+    orient=(0.0, 0.0),  # loss.lambda_orient: 0.
+    z_variance=10.0 * CFD_LOSS_SCALE,  # loss.lambda_z_variance: 10.
+    normal_smooth=1000.0 * CFD_LOSS_SCALE,  # loss.lambda_normal_smooth: 1000.
+    negative_prompt=CFD_NEGATIVE_PROMPT,
+    view_prompts=True,  # threestudio's default for SD prompts (front/back_threshold: 30.)
+    texture_size=1024,
+    name="nerf-refine",
+)
 
-    def __init__(self, models: LoadedModels, prior: MultiViewPrior, prompt: str, negative_init: torch.Tensor,
-                 settings: SingleStageSettings, guidance: GuidanceConfig, seed: int, out_dir: Path,
-                 to_world: Callable) -> None:
+
+def normal_map_smoothness(render: VolumeRender) -> torch.Tensor:
+    """threestudio's prolificdreamer ``lambda_normal_smooth`` term: the mean squared difference of
+    neighbouring pixels of the rendered normal map, ``comp_normal = (n + 1) / 2 * opacity``."""
+    comp = (render.normal + 1) / 2 * render.opacity
+    return (comp[:, 1:] - comp[:, :-1]).square().mean() + (comp[:, :, 1:] - comp[:, :, :-1]).square().mean()
+
+
+class NerfStage(DistillationStage):
+    """A NeRF distilled from ``prior``: MultiViewPrior (MVDream, the cameras' views of an object
+    together) or DiffusionPrior (one view each). ``start``: a NeRF stage to continue from (its
+    field and background, as threestudio's geometry_convert_from with inherit_texture)."""
+
+    def __init__(self, models: LoadedModels, prior: DiffusionPrior, prompt: str, negative_init: torch.Tensor,
+                 settings: NerfSettings, guidance: GuidanceConfig, seed: int, out_dir: Path,
+                 to_world: Callable, start: "NerfStage | None" = None) -> None:
         self.models, self.prior, self.settings, self.out, self.to_world = models, prior, settings, out_dir, to_world
+        self.name = settings.name
+        self.checkpoint_path = out_dir / "checkpoints" / f"{settings.name}.pt"
+        self.multiview = isinstance(prior, MultiViewPrior)
         self.device = prior.device
         self.generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):  # the same seed starts from the same weights
             torch.manual_seed(seed)
-            self.field = NerfField(settings.nerf, self.device)
+            self.field = NerfField(settings.nerf if start is None else start.field.config, self.device)
             self.background = EnvironmentMapBackground().to(self.device)
+        if start is not None:
+            self.field.load_state_dict(start.field.state_dict())
+            self.background.load_state_dict(start.background.state_dict())
         self.occupancy = OccupancyGrid(settings.render.radius).to(self.device)
         networks = [*self.field.density_network.parameters(), *self.field.feature_network.parameters()]
         self.optimizer = torch.optim.AdamW([
@@ -107,9 +165,10 @@ class NerfStage(DistillationStage):
         self.negative = NegativeEmbedding(negative_init, settings.negative if guidance.method is Method.PSD
                                           else NegativeConfig(lr=0.0))
         self.reward_features = models.target_reward.text_features(prompt)
-        y = prior.encode_text([prompt])  # MVDream: view_dependent_prompting false
+        self.views = ViewPrompts(prior, prompt) if settings.view_prompts else None
+        y = prior.encode_text([prompt])
         self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, y, self.negative, guidance,
-                                        self.generator, views=settings.cameras.views)
+                                        self.generator, views=prior.num_frames if self.multiview else 1)
         self.step = 0
         self.log = MetricsLog()
         self.topology_id = 0
@@ -122,17 +181,23 @@ class NerfStage(DistillationStage):
         self.field.train(), self.background.train()
         self.occupancy.update(self.field.density, self.step, s.render.step_size, self.generator)
         orient = s.orient_weight(self.step, total)
-        render = render_volume(self.field, cams, s.render, background=self.background, with_normals=orient > 0,
+        render = render_volume(self.field, cams, s.render, background=self.background,
+                               with_normals=orient > 0 or s.normal_smooth > 0,
                                occupancy=self.occupancy, generator=self.generator, device=self.device)
         images = render.rgb.permute(0, 3, 1, 2)
         x_c = self.prior.encode_images(resize_for_prior(images, s.prior_size))
         t = s.schedule.sample(self.step, total, x_c.shape[0], self.prior.num_train_timesteps, self.generator).to(self.device)
-        camera = mvdream_camera(torch.stack([c.c2w for c in cams])).to(self.device)
-        out = self.distiller.step(x_c, t, self.step, camera=camera)
+        camera = mvdream_camera(torch.stack([c.c2w for c in cams])).to(self.device) if self.multiview else None
+        y = self.views.for_cameras(cams) if self.views is not None else None
+        out = self.distiller.step(x_c, t, self.step, y=y, camera=camera)
         # threestudio's SDS loss is 0.5 * sum((x - target)^2) / B: its gradient is the guidance over B
         loss = distillation_loss(x_c, out.grad / x_c.shape[0])
         if orient > 0:
             loss = loss + orient * orientation_loss(render)
+        if s.z_variance > 0:
+            loss = loss + s.z_variance * z_variance_loss(render)
+        if s.normal_smooth > 0:
+            loss = loss + s.normal_smooth * normal_map_smoothness(render)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -176,10 +241,10 @@ class NerfStage(DistillationStage):
                            "occupancy": self.occupancy.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "negative": self.negative.value.detach().cpu(),
                            "negative_optimizer": self.negative.optimizer.state_dict(),
-                           "generator": self.generator.get_state(), "metrics": self.log.steps}, self.out / self.CHECKPOINT)
+                           "generator": self.generator.get_state(), "metrics": self.log.steps}, self.checkpoint_path)
 
     def load_checkpoint(self) -> bool:
-        path = self.out / self.CHECKPOINT
+        path = self.checkpoint_path
         if not path.is_file():
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)

@@ -19,7 +19,11 @@ class ViewPrompts:
     def sample(self, cameras: OrbitSpec, n: int, generator: torch.Generator) -> tuple[list[Camera], torch.Tensor]:
         """n cameras and their prompt embeddings (n, L, D)."""
         cams = cameras.sample(n, generator)
-        return cams, torch.cat([self.embeddings[view_suffix(c.azimuth)] for c in cams])
+        return cams, self.for_cameras(cams)
+
+    def for_cameras(self, cams: list[Camera]) -> torch.Tensor:
+        """The prompt embedding (n, L, D) each camera's azimuth asks for."""
+        return torch.cat([self.embeddings[view_suffix(c.azimuth)] for c in cams])
 
 
 def resize_for_prior(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -33,6 +33,8 @@ class NegativeConfig:
     descriptors: str = DEFAULT_NEGATIVE_DESCRIPTORS
     lr: float = 1e-4
     freeze_after: int | None = None
+    # the 2-stage NeRF's second stage (F.1): lr falls linearly from ``lr`` to 0 over these steps
+    linear_decay: int | None = None
 
 
 def negative_embedding_reward(prior, reward, text_features, x_t, t, eps_y, n, gamma: float, decode: dict,
@@ -65,6 +67,8 @@ class NegativeEmbedding:
     def lr_at(self, step: int) -> float:
         if self.config.freeze_after is not None and step >= self.config.freeze_after:
             return 0.0
+        if self.config.linear_decay is not None:
+            return self.config.lr * max(0.0, 1.0 - step / self.config.linear_decay)
         return self.config.lr
 
     def trainable(self, step: int) -> bool:

@@ -16,6 +16,8 @@ REWARD_ITEMS = [("hpsv2.1", "HPSv2.1", "Human Preference Score v2.1 (the paper's
 RECIPE_ITEMS = [("sd-dmtet", "SD + DMTet", "DMTet geometry on Stable Diffusion from a sphere, then the PSD texture stage"),
                 ("mvdream", "MVDream", "The paper's single stage: a NeRF distilled from MVDream's four joint views "
                                        "(one front, one back), baked to a textured mesh"),
+                ("mvdream-nerf", "MVDream + NeRF", "The paper's 2-stage pipeline: the MVDream NeRF refined on "
+                                                   "Stable Diffusion at 512², then baked"),
                 ("mvdream-dmtet", "MVDream + DMTet", "The paper's 3-stage pipeline: the MVDream NeRF's shape refined as DMTet "
                                                      "on Stable Diffusion, then the PSD texture stage (slowest, most detail)")]
 CAMERA_ITEMS = [("ORBIT", "Orbit", "Sample views on an orbit around the object"),
