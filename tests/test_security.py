@@ -111,3 +111,52 @@ def test_the_allow_list_skips_bad_files(tmp_path):
         assert guard.admits(user) and not guard.admits(None) and not guard.admits("x" * 40)
     finally:
         guard.stop()
+
+
+def test_a_removed_client_is_refused_on_its_open_connection(curve_server):
+    """Revocation takes effect on the next request of a connection that is already open (CurveZMQ
+    authenticates only at the handshake; the server checks each request's ZAP User-Id)."""
+    srv, clients, people, thread = curve_server
+    with Client(srv.endpoint, timeout=5, curve=people["alice"][1]) as alice, \
+            Client(srv.endpoint, timeout=5, curve=people["bob"][1]) as bob:
+        assert alice.request("ping").type == "ok" and bob.request("ping").type == "ok"
+        socket = alice.socket
+        (clients / "alice.key").unlink()
+        removed = time.monotonic()
+        with pytest.raises(ServerError) as refused:
+            while True:  # the next request after the reload is refused; before it, at most ~0.1 s
+                alice.request("ping")
+                assert time.monotonic() - removed < 1.0, "still served a second after the removal"
+                time.sleep(0.01)
+        latency = time.monotonic() - removed
+        assert refused.value.code == "unauthorized" and latency < 1.0, latency
+        assert alice.socket is socket  # the same connection, answered (not dropped)
+        with pytest.raises(ServerError):
+            alice.request("list")
+        assert bob.request("ping").type == "ok"  # others are served on
+        shutil.copy(people["alice"][0], clients / "alice.key")  # added back: served again
+        time.sleep(0.3)
+        assert alice.request("ping").type == "ok"
+    assert thread.is_alive()
+
+
+def test_a_revoked_subscriber_gets_no_more_events(curve_server):
+    """A subscription made before the removal ends with it: the publish path checks the key too."""
+    srv, clients, people, thread = curve_server
+    from protocol.wire import Message
+
+    with Client(srv.endpoint, timeout=5, curve=people["alice"][1]) as alice:
+        assert alice.request("ping").type == "ok"
+        job = "a" * 32
+        peer = next(iter(srv._users))  # alice's routing id, recorded at her request
+        srv.subscribers.setdefault(job, set()).add(peer)
+        srv.outbox.put((job, Message("event", "", {"job": job, "seq": 1, "kind": "progress", "step": 1, "total": 2,
+                                                   "stage": "image2d", "metrics": {}})))
+        assert alice.socket.poll(3000), "the event did not come while allowed"
+        alice.socket.recv_multipart()
+        (clients / "alice.key").unlink()
+        time.sleep(0.3)
+        srv.outbox.put((job, Message("event", "", {"job": job, "seq": 2, "kind": "progress", "step": 2, "total": 2,
+                                                   "stage": "image2d", "metrics": {}})))
+        assert not alice.socket.poll(1000), "an event went to a revoked client"
+        assert peer not in srv.subscribers.get(job, set())

@@ -25,7 +25,8 @@ import numpy as np
 import zmq
 
 from protocol.cursor import SNAPSHOTS, TERMINAL
-from protocol.errors import InvalidInputError, Psd3dError, UnknownNameError, UnsupportedEnvironmentError
+from protocol.errors import (InvalidInputError, Psd3dError, UnauthorizedError, UnknownNameError,
+                             UnsupportedEnvironmentError)
 from protocol.specs import METHODS, REWARDS, BatchSpec, is_int
 from protocol.messages import (REQUESTS, SPECS, TEXTURE_ENCODINGS, UPLOADED_MESH_FIELD, check_mesh_arrays, error,
                                in_body, limits, ok, png_variant, spec_from_body, spec_path, validate_spec, wants_png)
@@ -108,6 +109,7 @@ class Server:
         self.ctx = zmq.Context.instance()
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.guard = None
+        self._users: dict[bytes, str | None] = {}  # peer -> the CURVE key it authenticated with (z85), when keys are set
         if keys:
             from backend.server.security import CurveGuard
 
@@ -147,6 +149,7 @@ class Server:
             return False
         except zmq.ZMQError:  # the peer is gone (EHOSTUNREACH): forget its subscriptions
             self.dropped += 1
+            self._users.pop(peer, None)
             for peers in self.subscribers.values():
                 peers.discard(peer)
             return False
@@ -170,6 +173,8 @@ class Server:
                 request_id = exc.request_id  # the reply carries the request's id whenever it could be read
                 raise
             request_id = msg.id
+            if self.guard is not None:
+                self._authorize(peer, frames[0])
             if msg.type not in REQUESTS:
                 raise UnknownNameError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
             reply = getattr(self, f"on_{msg.type}")(peer, msg)
@@ -177,6 +182,26 @@ class Server:
             reply = error_reply(request_id, exc)
         if reply is not None:
             self._send(peer, reply)
+
+    def _authorize(self, peer: bytes, frame) -> None:
+        """Revocation: CurveZMQ authenticates a connection only at its handshake, so every request's
+        authenticated key (the ZAP ``User-Id`` libzmq attaches to each message) is checked against the
+        current allow-list; a removed client is refused from its next request on, and its
+        subscriptions end."""
+        try:
+            user = frame.get("User-Id")
+        except (AttributeError, zmq.ZMQError):  # no metadata: not a message from an authenticated connection
+            user = None
+        self._users[peer] = user
+        if not self.guard.admits(user):
+            self._forget(peer)
+            raise UnauthorizedError("request: this connection's CURVE key is not (or no longer) on the server's "
+                                    "allow-list (its clients/ folder); ask the server's operator to add it")
+
+    def _forget(self, peer: bytes) -> None:
+        for peers in self.subscribers.values():
+            peers.discard(peer)
+        self.encodings.pop(peer, None)
 
     def on_ping(self, peer, msg):
         # the jobs this peer is subscribed to: a client that finds one missing (a server restart, or a
@@ -256,6 +281,9 @@ class Server:
                 waiting.append(parked)
                 continue
             try:
+                if self.guard is not None and not self.guard.admits(self._users.get(parked.peer)):
+                    raise UnauthorizedError("request: this connection's CURVE key was removed from the server's "
+                                            "allow-list while its submit waited; nothing was created")
                 reply = self._accept(parked)
             except Exception as exc:
                 reply = error_reply(parked.msg.id, exc)
@@ -406,6 +434,9 @@ class Server:
             if kind in SNAPSHOTS:
                 self.latest.keep(job, message)
             for peer in list(self.subscribers.get(job, ())):
+                if self.guard is not None and not self.guard.admits(self._users.get(peer)):
+                    self._forget(peer)  # revoked since it subscribed: nothing more goes to it
+                    continue
                 self._send_event(peer, message)
             if kind in TERMINAL:  # the job has ended: its subscriptions are done
                 self.subscribers.pop(job, None)
