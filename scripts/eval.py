@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from protocol.events import Done, Failed
-    from protocol.specs import GenerateSpec
+    from protocol.specs import RECIPES, GenerateSpec
     from backend.geometry.mesh import load_mesh
     from backend.models import load_models, quiet_libraries
     from backend.pipelines.evaluate import EVAL_VIEWS, score_mesh
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--preset", choices=list(PRESETS), default="sd21-draft")
     ap.add_argument("--methods", nargs="+", default=["sds", "dreamdpo", "psd"])
+    ap.add_argument("--recipe", choices=RECIPES, default="sd-dmtet", help="the generate pipeline every prop is made by")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, prompt in enumerate(tqdm(prompts, desc=method, unit="prompt")):
             job = args.out / method / f"{i:03d}"
             if not (job / "out.glb").is_file():
-                spec = GenerateSpec(prompt=prompt, method=method, preset=args.preset, steps=args.steps, seed=args.seed)
+                spec = GenerateSpec(prompt=prompt, method=method, preset=args.preset, steps=args.steps, seed=args.seed,
+                                    recipe=args.recipe)
                 last = None
                 for last in run_generate(spec, job, models=models):
                     pass
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     label = "PLUMBING CHECK (random tiny models): these numbers mean nothing about quality.\n\n" if args.preset == "tiny" else ""
-    lines = [f"# Method comparison — preset {args.preset}, {len(prompts)} prompts, {EVAL_VIEWS} views each\n", label,
+    lines = [f"# Method comparison — pipeline {args.recipe}, preset {args.preset}, {len(prompts)} prompts, "
+             f"{EVAL_VIEWS} views each\n", label,
              "| method | " + " | ".join(f"{n} ↑" for n in names) + " |", "|---|" + "---|" * len(names)]
     for method in args.methods:
         mine = [r for r in rows if r["method"] == method]

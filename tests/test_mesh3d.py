@@ -184,9 +184,9 @@ def test_eval_script_plumbing(tmp_path, tiny, psd3d_home):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red chair\na blue lamp\n")
     assert module.main(["--preset", "tiny", "--prompts", str(prompts), "--steps", "2", "--methods", "psd",
-                        "--out", str(tmp_path / "eval")]) == 0
+                        "--recipe", "mvdream", "--out", str(tmp_path / "eval")]) == 0
     table = (tmp_path / "eval" / "table.md").read_text()
-    assert "PLUMBING CHECK" in table and "| psd |" in table
+    assert "PLUMBING CHECK" in table and "| psd |" in table and "pipeline mvdream" in table
     rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
     assert rows[0] == "method,prompt,hpsv2.1,pickscore" and len(rows) == 3
 
