@@ -65,12 +65,17 @@ def describe_device() -> str:
 CUDA_PRIOR_DTYPE = torch.float16
 
 
-def load_models(models, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModels:
-    """``models`` is a :class:`backend.presets.ModelSet`. The prior in ``CUDA_PRIOR_DTYPE`` on CUDA,
-    float32 on a CPU, unless ``dtype`` says otherwise."""
+def _placement(models, device: torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype, tuple]:
+    """Device, prior dtype (``CUDA_PRIOR_DTYPE`` on CUDA, float32 on a CPU, unless ``dtype`` says
+    otherwise) and the cache key."""
     device = device or default_device()
     dtype = dtype or (CUDA_PRIOR_DTYPE if device.type == "cuda" else torch.float32)
-    key = (models, str(device), dtype)
+    return device, dtype, (models, str(device), dtype)
+
+
+def load_models(models, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModels:
+    """``models`` is a :class:`backend.presets.ModelSet`; the prior placed as :func:`_placement` says."""
+    device, dtype, key = _placement(models, device, dtype)
     if key not in _CACHE:
         if models.build_tiny:
             ensure_tiny_models()
@@ -87,9 +92,7 @@ def load_multiview(models, device: torch.device | None = None, dtype: torch.dtyp
     :func:`load_models` gives the SD prior."""
     if models.mvdream is None:
         raise UnknownNameError("recipe: this preset has no multi-view prior (MVDream)", field="recipe")
-    device = device or default_device()
-    dtype = dtype or (CUDA_PRIOR_DTYPE if device.type == "cuda" else torch.float32)
-    key = (models, str(device), dtype)
+    device, dtype, key = _placement(models, device, dtype)
     if key not in _MULTIVIEW:
         if models.build_tiny:
             ensure_tiny_models()

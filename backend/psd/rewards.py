@@ -20,7 +20,7 @@ from typing import Protocol, Union
 import torch
 import torch.nn.functional as F
 
-from backend.psd.loading import Layout, load_or_explain, split_file_source
+from backend.psd.loading import Layout, file_path, load_or_explain
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -107,7 +107,7 @@ class HpsReward:
                 lambda loc, lo: _existing_file(loc), Layout.FILE)))
 
         def load(location: str, local_only: bool):
-            path = _checkpoint_path(location, local_only)
+            path = file_path(location, local_only)
             state = torch.load(path, map_location="cpu", weights_only=True)
             model = open_clip.create_model(source.arch, pretrained=None, device="cpu")
             model.load_state_dict(state["state_dict"])
@@ -193,13 +193,3 @@ def _existing_file(location: str) -> str:
     return location
 
 
-def _checkpoint_path(location: str, local_only: bool) -> str:
-    """A checkpoint file: a local path as it is; ``owner/repo:file`` from the hub cache (or the hub)."""
-    if Path(location).is_file():
-        return location
-    file_source = split_file_source(location)
-    if file_source is None:
-        raise OSError(f"no checkpoint file at {location} (a hub source is written 'owner/repo:file')")
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(*file_source, local_files_only=local_only)
