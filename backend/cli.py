@@ -40,14 +40,15 @@ def _mesh3d(args: argparse.Namespace) -> int:
         events = run_generate(GenerateSpec(init_mesh=init, rasterizer=args.rasterizer, **recipe, **common), args.out,
                               resume=args.resume)
     print(f"psd3d {args.command}: {args.method} on {args.preset!r}, loading models…", file=sys.stderr)
-    return _consume(events, args.method)
+    return _consume(events, args.method, args.recipe or "sd-dmtet" if args.command == "generate" else None)
 
 
-def _consume(events, label: str) -> int:
+def _consume(events, label: str, recipe: str | None = None) -> int:
     """Drive a pipeline's events: one progress bar per stage, then the result paths."""
     from tqdm import tqdm
 
     from protocol.events import Done, Failed, Progress
+    from protocol.specs import stage_label
 
     bar, stage = None, None
     for event in events:
@@ -56,7 +57,7 @@ def _consume(events, label: str) -> int:
                 if bar is not None:
                     bar.close()
                 stage = event.stage
-                bar = tqdm(total=event.total, initial=event.step - 1, desc=f"{label} {stage}", unit="step")
+                bar = tqdm(total=event.total, initial=event.step - 1, desc=f"{label} {stage_label(recipe, stage)}", unit="step")
             m = event.metrics
             bar.set_postfix({k: f"{m[k]:.4f}" for k in ("reward_w", "reward_current") if m.get(k) is not None})
             bar.update(1)
@@ -157,12 +158,13 @@ def _submit(args: argparse.Namespace) -> int:
         for job in jobs:
             print(job)
         if args.watch and len(jobs) == 1:
-            return _watch_job(client, jobs[0])
+            recipe = fields.get("recipe", "sd-dmtet") if args.pipeline == "generate" else None
+            return _watch_job(client, jobs[0], recipe)
     return 0
 
 
-def _watch_job(client, job: str) -> int:
-    return _consume((event for _, event in client.watch(job)), job[:8])
+def _watch_job(client, job: str, recipe: str | None = None) -> int:
+    return _consume((event for _, event in client.watch(job)), job[:8], recipe)
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -169,7 +169,26 @@ class RefineSpec(MeshJobSpec):
 # "mvdream-dmtet": the paper's 3-stage pipeline (Table 2): that NeRF starts the DMTet geometry stage
 # on Stable Diffusion, then the PSD texture stage. "mvdream-nerf": the paper's 2-stage pipeline
 # (Table 2): that NeRF refined on Stable Diffusion at 512², then baked.
-RECIPES = ("sd-dmtet", "mvdream", "mvdream-nerf", "mvdream-dmtet")
+# The stages each recipe runs, in order: the ``stage`` of its Progress events.
+RECIPE_STAGES = {
+    "sd-dmtet": ("geometry", "texture"),
+    "mvdream": ("nerf",),
+    "mvdream-nerf": ("nerf", "nerf-refine"),
+    "mvdream-dmtet": ("nerf", "geometry", "texture"),
+}
+RECIPES = tuple(RECIPE_STAGES)
+
+
+def stage_position(recipe: str | None, stage: str) -> tuple[int, int] | None:
+    """(k, n): ``stage`` is stage k of the recipe's n (1-based); None when the recipe does not list it."""
+    stages = RECIPE_STAGES.get(recipe or "", ())
+    return (stages.index(stage) + 1, len(stages)) if stage in stages else None
+
+
+def stage_label(recipe: str | None, stage: str) -> str:
+    """"stage 2 of 3: geometry" for a multi-stage recipe, else the stage's name."""
+    position = stage_position(recipe, stage)
+    return f"stage {position[0]} of {position[1]}: {stage}" if position and position[1] > 1 else stage
 
 
 @dataclass(kw_only=True)

@@ -131,3 +131,12 @@ def test_sd_nerf_stage2_settings_and_the_decaying_negative_rate():
     assert (s.z_variance, s.normal_smooth) == (5.0, 500.0)  # CFD's 10 and 1000, halved (CFD_LOSS_SCALE)
     n = NegativeEmbedding(torch.zeros(1, 2, 3), s.negative)
     assert [n.lr_at(k) for k in (0, 500, 1000, 5000)] == [1e-4, 5e-5, 0.0, 0.0]
+
+
+def test_stage_labels_name_the_stage_and_its_number():
+    from protocol.specs import RECIPE_STAGES, RECIPES, stage_label, stage_position
+
+    assert set(RECIPES) == set(RECIPE_STAGES)
+    assert stage_label("mvdream-dmtet", "geometry") == "stage 2 of 3: geometry"
+    assert stage_label("mvdream", "nerf") == "nerf" and stage_label(None, "texture") == "texture"
+    assert stage_position("sd-dmtet", "texture") == (2, 2) and stage_position("sd-dmtet", "nerf") is None

@@ -110,3 +110,4 @@ def test_refine_max_t_is_validated(bad):
     with pytest.raises(InvalidInputError) as err:
         RefineSpec(mesh="m.glb", prompt="x", max_t=bad).validate(("tiny",))
     assert err.value.field == "max_t"
+

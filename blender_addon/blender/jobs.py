@@ -7,6 +7,8 @@ import uuid
 
 import bpy
 
+from protocol.specs import RECIPE_STAGES
+
 
 def job_items():
     """(scene, job item) for every job of every scene in the open file."""
@@ -28,15 +30,19 @@ def open_jobs() -> list:
     return [item for _, item in job_items() if item.active]
 
 
-# a pipeline's stages in order (backend/pipelines: mesh3d's generate and refine); each has its share of the bar
-PIPELINE_STAGES = {"generate": ("geometry", "texture"), "refine": ("texture",)}
+def job_stages(item) -> tuple[str, ...]:
+    """The job's stages in order (generate: its recipe's, protocol.specs.RECIPE_STAGES; refine:
+    the texture stage); each has its share of the bar."""
+    if item.pipeline == "refine":
+        return ("texture",)
+    return RECIPE_STAGES.get(item.recipe or "sd-dmtet", ())
 
 
 def progress(item) -> tuple[float, str]:
     """The whole job's progress as (fraction, text): one bar over all its stages, which fills once."""
     if not item.total or item.state in ("submitting", "queued"):
         return 0.0, item.state
-    stages = PIPELINE_STAGES.get(item.pipeline, ())
+    stages = job_stages(item)
     stage_frac = min(item.step / item.total, 1.0)
     text = f"{item.stage} {item.step}/{item.total}"
     if item.stage in stages:

@@ -52,6 +52,7 @@ def add_job(s, pipeline: str, prompt: str, location, submission: str, index: int
     """List the job now, as "submitting"; its id arrives with the submit's reply."""
     item = s.jobs.add()
     item.pipeline, item.prompt, item.method, item.seed = pipeline, prompt, s.method, s.seed
+    item.recipe = s.recipe if pipeline in ("generate", "batch") else ""
     item.state, item.size, item.location, item.submission = "submitting", s.size, location, submission
     item.index = index
     s.active_job = len(s.jobs) - 1

@@ -15,7 +15,11 @@ class PSD_UL_jobs(bpy.types.UIList):
         row = layout.row(align=True)
         row.label(text=item.prompt or item.job_id[:8], icon=STATE_ICONS.get(item.state, "DOT"))
         if item.state == "running" and item.total:
-            row.label(text=f"{item.stage[:3]} {item.step}/{item.total}")
+            stages = jobs.job_stages(item)
+            stage = item.stage[:3]
+            if len(stages) > 1 and item.stage in stages:
+                stage = f"{stages.index(item.stage) + 1}/{len(stages)} {stage}"
+            row.label(text=f"{stage} {item.step}/{item.total}")
         else:
             row.label(text=item.state)
         row.label(text=f"{item.reward:.3f}" if item.reward else "")  # the column headed REWARD_HEADER

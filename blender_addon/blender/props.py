@@ -35,6 +35,7 @@ def _preset_items(self, context):
 class PSD_JobItem(bpy.types.PropertyGroup):
     job_id: StringProperty(name="Job", description="The backend's job id")
     pipeline: StringProperty(name="Pipeline")
+    recipe: StringProperty(name="Recipe", description="generate's recipe (its stages); empty for refine")
     prompt: StringProperty(name="Prompt")
     method: StringProperty(name="Method")
     seed: IntProperty(name="Seed")
