@@ -170,7 +170,9 @@ def test_generate_appears_at_the_cursor_and_its_texture_updates_in_place(addon, 
     links = [link for link in mat.node_tree.links if link.to_socket.name == "Base Color"]
     assert links and links[0].from_node.type == "TEX_IMAGE" and links[0].to_node.type == "BSDF_PRINCIPLED"
     image = links[0].from_node.image
-    assert image.colorspace_settings.name == "sRGB" and image.packed_file is not None
+    # a float image of linear colour (fast writes; packed as EXR without premultiplying)
+    assert image.is_float and image.colorspace_settings.name != "sRGB" and image.alpha_mode == "CHANNEL_PACKED"
+    assert image.packed_file is not None
 
     # the job's files arrive without blocking and land in the results folder; the panel shows its pictures
     from blender_addon.blender import results
@@ -282,12 +284,14 @@ def test_texture_snapshots_are_converted_off_blenders_main_thread(addon, monkeyp
     from blender_addon.blender import scene as bscene
     from blender_addon.core import frames
 
+    pump._converter.wait()  # earlier tests' snapshots are written before this one records
+    pump.pump()
     converted_on, written = [], []
     convert, apply_pixels = frames.rgba8_to_blender_pixels, bscene.apply_pixels
 
-    def recording_convert(rgba, out=None):
+    def recording_convert(rgba, out=None, linear=False):
         converted_on.append(threading.current_thread())
-        return convert(rgba, out=out)
+        return convert(rgba, out=out, linear=linear)
 
     def recording_apply(image, pixels, width, height):
         written.append((threading.current_thread(), pixels.dtype, pixels.size))

@@ -93,9 +93,9 @@ def test_texture_snapshots_are_converted_on_the_converters_thread_newest_first()
     threads: list[threading.Thread] = []
     original = frames.rgba8_to_blender_pixels
 
-    def recording(rgba, out=None):
+    def recording(rgba, out=None, linear=False):
         threads.append(threading.current_thread())
-        return original(rgba, out=out)
+        return original(rgba, out=out, linear=linear)
 
     frames.rgba8_to_blender_pixels = recording
     converter = pixels.TextureConverter()
@@ -108,14 +108,19 @@ def test_texture_snapshots_are_converted_on_the_converters_thread_newest_first()
         assert threads and threading.current_thread() not in threads
         assert (done.key, done.width, done.height, done.error) == ("a", 5, 6, None)
         assert done.pixels.dtype == np.float32 and done.pixels.shape == (6 * 5 * 4,)
-        np.testing.assert_allclose(done.pixels.reshape(6, 5, 4), rgba[::-1] / np.float32(255), atol=1e-7)
+        # linear colour for the job's float image (sRGB decoded), alpha as it is
+        c = rgba[::-1] / 255.0
+        expected = np.concatenate([np.where(c[..., :3] <= 0.04045, c[..., :3] / 12.92, ((c[..., :3] + 0.055) / 1.055) ** 2.4),
+                                   c[..., 3:]], axis=-1)
+        np.testing.assert_allclose(done.pixels.reshape(6, 5, 4), expected, atol=1e-7)
+        assert np.array_equal(frames.blender_pixels_to_rgba8(done.pixels, 5, 6, linear=True), rgba)
         assert not converter.pending()
         buffer = done.pixels
         converter.release(done)
         assert done.pixels is None
 
         gate = threading.Event()  # hold the worker on a first snapshot while three more of one key arrive
-        frames.rgba8_to_blender_pixels = lambda rgba, out=None: (gate.wait(10), recording(rgba, out))[1]
+        frames.rgba8_to_blender_pixels = lambda rgba, out=None, linear=False: (gate.wait(10), recording(rgba, out, linear))[1]
         converter.submit("b", np.zeros((2, 2, 4), np.uint8))
         for value in (10, 20, 30):
             converter.submit("a", np.full((6, 5, 4), value, np.uint8))
@@ -123,7 +128,8 @@ def test_texture_snapshots_are_converted_on_the_converters_thread_newest_first()
         gate.set()
         assert converter.wait(timeout=10)
         done = {c.key: c for c in converter.ready()}
-        assert set(done) == {"a", "b"} and np.allclose(done["a"].pixels, 30 / 255)  # only the newest of "a"
+        newest = frames.blender_pixels_to_rgba8(done["a"].pixels, 5, 6, linear=True)
+        assert set(done) == {"a", "b"} and np.all(newest == 30)  # only the newest of "a"
         assert done["a"].pixels is buffer  # the released buffer was reused: no new allocation
         assert threading.current_thread() not in threads
 

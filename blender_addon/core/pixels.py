@@ -128,11 +128,12 @@ class TextureConverter:
 
 
 def convert(key: str, rgba: np.ndarray, out: np.ndarray | None = None) -> Converted:
-    """One snapshot's conversion (what the worker runs): uint8 rows top-down -> float32 rows bottom-up."""
+    """One snapshot's conversion (what the worker runs): uint8 sRGB rows top-down -> float32 linear
+    rows bottom-up, for the job's float image (scene.ensure_image)."""
     rgba = np.asarray(rgba)
     if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8:
         raise ValueError(f"texture: expected (H,W,4) uint8, got {rgba.shape} {rgba.dtype}")
     h, w = rgba.shape[:2]
     if out is None or out.size != rgba.size or out.dtype != np.float32:
         out = np.empty(rgba.size, np.float32)
-    return Converted(key, w, h, frames.rgba8_to_blender_pixels(rgba, out=out))
+    return Converted(key, w, h, frames.rgba8_to_blender_pixels(rgba, out=out, linear=True))

@@ -129,7 +129,7 @@ def main() -> None:
     buffer = np.empty(rgba.size, np.float32)
 
     def texture_whole() -> None:  # the whole conversion and write on one thread (the add-on before item 9)
-        scene.apply_pixels(image, frames.rgba8_to_blender_pixels(rgba, out=buffer), SIDE, SIDE)
+        scene.apply_pixels(image, frames.rgba8_to_blender_pixels(rgba, out=buffer, linear=True), SIDE, SIDE)
 
     def texture_main() -> float:
         """As the pump does it: hand over (main), convert (the converter's thread), write (main)."""
@@ -149,7 +149,7 @@ def main() -> None:
         assert scene.apply_mesh(mesh, moved[0], faces, corner_uvs, topology_id=next(counter)) == "full"
         texture_whole()
 
-    ready = frames.rgba8_to_blender_pixels(rgba)
+    ready = frames.rgba8_to_blender_pixels(rgba, linear=True)
     ms = medians_ms({"gltf_lazy": gltf_import(glb, decode=False), "gltf": gltf_import(glb, decode=True),
                      "texture": texture_whole, "texture_main": texture_main,
                      "pixels_set": lambda: image.pixels.foreach_set(ready), "positions": positions, "full": full},
