@@ -17,8 +17,17 @@ Shapes: ``tiny`` (the tiny preset's models) and ``sd21-shape`` (random weights w
 Diffusion 2.1 base's UNet / VAE / text-encoder configs, TAESD's config, and an open_clip
 ViT-H-14 reward: the real cost structure; 32x32 latents on a CPU, 64x64 on a GPU).
 
+The multi-view case (MVDream, issue 13): ``mvdream-tiny`` (the tiny preset's MVDream twin, loaded
+as the pipeline loads it) and ``mvdream-shape`` (random weights with the real sd-v2.1-base-4view
+UNet config, backend/psd/mvdream_sd21.yaml, through ``unet_from_params``; VAE, text encoder, TAESD
+and the ViT-H-14 reward as sd21-shape). A step there is ``--objects`` objects x 4 views (one t
+shared by an object's views, a camera per view from MultiViewOrbit), as the single-stage
+pipeline runs it; the render is one 3-channel image per view.
+
     .venv/bin/python scripts/bench/step_cost.py --shape tiny
     .venv/bin/python scripts/bench/step_cost.py --shape sd21-shape --rounds 10
+    .venv/bin/python scripts/bench/step_cost.py --shape mvdream-tiny --rounds 5
+    .venv/bin/python scripts/bench/step_cost.py --shape mvdream-shape --rounds 10 --no-variants
 """
 
 from __future__ import annotations
@@ -57,6 +66,15 @@ def tiny_models(device, dtype):
     return m.prior, m.target_reward
 
 
+def mvdream_tiny_models(device, dtype):
+    from backend.models import load_models, load_multiview, quiet_libraries
+    from backend.presets import TINY_MODELS
+
+    quiet_libraries()
+    m = load_models(TINY_MODELS, device=device, dtype=dtype)
+    return load_multiview(TINY_MODELS, device=device, dtype=dtype), m.target_reward
+
+
 @dataclass
 class Sd21ShapeModules:
     """float32 modules on the CPU with random weights and the real sizes."""
@@ -66,6 +84,7 @@ class Sd21ShapeModules:
     text: torch.nn.Module
     taesd: torch.nn.Module
     clip: torch.nn.Module
+    multiview: bool = False  # unet is a MultiViewUNet (MVDream): the prior is a MultiViewPrior
 
     def prior(self, device, dtype) -> DiffusionPrior:
         """A prior of copies of these modules in ``dtype`` on ``device`` (the same weights for every dtype)."""
@@ -75,7 +94,10 @@ class Sd21ShapeModules:
         def cast(m):
             return copy.deepcopy(m).to(device, dtype)
 
-        return DiffusionPrior(cast(self.unet), cast(self.vae), cast(self.text), clip_tokenizer(),
+        from backend.psd.mvdream import MultiViewPrior
+
+        cls = MultiViewPrior if self.multiview else DiffusionPrior
+        return cls(cast(self.unet), cast(self.vae), cast(self.text), clip_tokenizer(),
                               sd_alphas_cumprod().float(), cast(self.taesd))
 
     def reward(self, device) -> HpsReward:
@@ -85,9 +107,11 @@ class Sd21ShapeModules:
         return HpsReward(self.clip.to(device, torch.float32), open_clip.get_tokenizer("ViT-H-14"))
 
 
-def sd21_shape_modules(seed: int = 0) -> Sd21ShapeModules:
+def sd21_shape_modules(seed: int = 0, multiview: bool = False) -> Sd21ShapeModules:
     """Random weights, real shapes: SD 2.1 base's configs (stabilityai/stable-diffusion-2-1-base
-    unet/vae/text_encoder config.json), TAESD's (diffusers AutoencoderTiny defaults), open_clip ViT-H-14."""
+    unet/vae/text_encoder config.json), TAESD's (diffusers AutoencoderTiny defaults), open_clip ViT-H-14.
+    ``multiview``: the UNet is MVDream's instead (backend/psd/mvdream_sd21.yaml, the config of
+    sd-v2.1-base-4view.pt, via unet_from_params: SD 2.1 base's UNet plus the camera MLP, attn1 over 4 views)."""
     import open_clip
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -96,13 +120,18 @@ def sd21_shape_modules(seed: int = 0) -> Sd21ShapeModules:
 
     quiet_libraries()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    )
+    if multiview:
+        from backend.psd.mvdream import SD21_MVDREAM_CONFIG, read_unet_params, unet_from_params
+
+        unet = unet_from_params(read_unet_params(SD21_MVDREAM_CONFIG))
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+        )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -112,7 +141,8 @@ def sd21_shape_modules(seed: int = 0) -> Sd21ShapeModules:
         vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
         num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
     ))
-    modules = Sd21ShapeModules(unet, vae, text, AutoencoderTiny(), open_clip.create_model("ViT-H-14", pretrained=None))
+    modules = Sd21ShapeModules(unet, vae, text, AutoencoderTiny(), open_clip.create_model("ViT-H-14", pretrained=None),
+                               multiview=multiview)
     counts = {name: sum(p.numel() for p in getattr(modules, name).parameters()) / 1e6
               for name in ("unet", "vae", "text", "taesd", "clip")}
     print("parameters (M): " + ", ".join(f"{k} {v:.0f}" for k, v in counts.items()))
@@ -122,6 +152,15 @@ def sd21_shape_modules(seed: int = 0) -> Sd21ShapeModules:
 def sd21_shape_models(device, dtype):
     modules = sd21_shape_modules()
     return modules.prior(device, dtype), modules.reward(device)
+
+
+def mvdream_shape_models(device, dtype):
+    modules = sd21_shape_modules(multiview=True)
+    return modules.prior(device, dtype), modules.reward(device)
+
+
+SHAPES = {"tiny": tiny_models, "sd21-shape": sd21_shape_models, "mvdream-tiny": mvdream_tiny_models,
+          "mvdream-shape": mvdream_shape_models}
 
 
 class ShrunkLatentPrior:
@@ -173,15 +212,25 @@ class Timers:
 class Runner:
     """One method's state: its distiller (own n and Adam, own noise), its render, its step times."""
 
-    def __init__(self, label, prior, reward, guidance, size, device, timers, n0, y, feats) -> None:
+    def __init__(self, label, prior, reward, guidance, size, device, timers, n0, y, feats, objects: int = 1) -> None:
         self.label, self.prior, self.timers = label, prior, timers
         self.negative = NegativeEmbedding(n0, NegativeConfig())
         timers.wrap(self.negative, "ascend", "n backward + Adam")
-        self.distiller = ScoreDistiller(prior, reward, feats, y, self.negative, guidance, torch.Generator().manual_seed(0))
+        views = int(getattr(prior, "num_frames", 1))  # MVDream: 4 consecutive rows per object
+        self.distiller = ScoreDistiller(prior, reward, feats, y, self.negative, guidance, torch.Generator().manual_seed(0),
+                                        views=views)
         self.interval = guidance.interval if guidance.method is Method.PSD else 1
         side = size * prior.vae_scale
-        self.render = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
-        self.t = torch.full((1,), 500, dtype=torch.long, device=device)
+        rows = objects * views
+        self.render = torch.rand(rows, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_(True)
+        self.t = torch.full((rows,), 500, dtype=torch.long, device=device)  # one t, shared by an object's views
+        self.camera = None
+        if views > 1:
+            from backend.psd.mvdream import mvdream_camera
+            from backend.render.camera import MultiViewOrbit
+
+            cams = MultiViewOrbit(views=views, width=side, height=side).sample(objects, torch.Generator().manual_seed(2))
+            self.camera = mvdream_camera(torch.stack([c.c2w for c in cams])).to(device)
         self.steps = 0
         self.times: list[float] = []  # one per timed step, in round order
 
@@ -190,7 +239,7 @@ class Runner:
         self.timers.sync()
         start = time.perf_counter()
         x_c = self.prior.encode_images(self.render)
-        out = self.distiller.step(x_c, self.t, self.steps)
+        out = self.distiller.step(x_c, self.t, self.steps, camera=self.camera)
         with self.timers.region("backward (render)"):
             distillation_loss(x_c, out.grad).backward()
         self.render.grad = None
@@ -214,10 +263,13 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=["tiny", "sd21-shape"], default="tiny")
+    ap.add_argument("--shape", choices=list(SHAPES), default="tiny")
     ap.add_argument("--rounds", type=int, default=30,
                     help="rounds of one step per method; a multiple of 10 keeps whole cycles of k = 1, 2 and 5")
-    ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 tiny, 32 CPU / 64 GPU sd21-shape)")
+    ap.add_argument("--latent", type=int, default=None,
+                    help="latent size (default 16 tiny and mvdream-tiny, 32 CPU / 64 GPU sd21-shape and mvdream-shape)")
+    ap.add_argument("--objects", type=int, default=1,
+                    help="multi-view shapes: objects per step, 4 views each (the single stage: 2 at 64^2 renders, then 1)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None, help="default cuda when present, else cpu")
     ap.add_argument("--no-variants", action="store_true",
@@ -232,10 +284,12 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    prior, reward = (tiny_models if args.shape == "tiny" else sd21_shape_models)(device, dtype)
-    size = args.latent or (16 if args.shape == "tiny" else (64 if device.type == "cuda" else 32))
+    prior, reward = SHAPES[args.shape](device, dtype)
+    size = args.latent or (16 if args.shape.endswith("tiny") else (64 if device.type == "cuda" else 32))
+    views = int(getattr(prior, "num_frames", 1))
+    batch = f", {args.objects} object(s) x {views} views per step" if views > 1 else ""
     print(f"{args.shape}: models ready in {time.perf_counter() - start:.0f} s; device {device} {dtype}, "
-          f"{torch.get_num_threads()} threads, latent {size}x{size}, {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, latent {size}x{size}{batch}, {args.rounds} interleaved rounds")
     with torch.no_grad():
         y = prior.encode_text([PROMPT])
         n0 = prior.encode_text(["low quality, blurry, ugly"])
@@ -259,7 +313,7 @@ def main() -> None:
     ]
     if args.no_variants:
         methods = methods[:5]
-    runners = [Runner(label, p, reward, g, size, device, timers, n0, y, feats) for label, p, g in methods]
+    runners = [Runner(label, p, reward, g, size, device, timers, n0, y, feats, args.objects) for label, p, g in methods]
     for runner in runners:  # warm-up: one pair step and one plain step (allocations, kernels)
         runner.step(timed=False)
         runner.step(timed=False)
