@@ -64,6 +64,31 @@ class UnauthorizedError(Psd3dError):
     code = "unauthorized"
 
 
+class DataFolderInUseError(Psd3dError):
+    """Another ``psd3d serve`` (or ``psd3d jobs recover``) holds the data folder's lock: one owner at a time."""
+
+    code = "data_in_use"
+
+
+class StoreDamagedError(Psd3dError):
+    """The job store file is emptied, unreadable or missing while job folders exist; the message names
+    ``psd3d jobs recover``, which rebuilds it from the job folders."""
+
+    code = "store_damaged"
+
+
+class DiskFullError(Psd3dError):
+    """The data folder's disk is (nearly) full: submits are refused, a job that hit it fails with this code."""
+
+    code = "disk_full"
+
+
+class StorageError(Psd3dError):
+    """The job store or a job folder could not be written (an I/O or SQLite error other than a full disk)."""
+
+    code = "storage_error"
+
+
 def require(condition: bool, field: str, reason: str) -> None:
     """Raise :class:`InvalidInputError` naming ``field`` unless ``condition`` holds."""
     if not condition:

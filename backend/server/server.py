@@ -31,7 +31,7 @@ from protocol.specs import METHODS, REWARDS, BatchSpec, is_int
 from protocol.messages import (REQUESTS, SPECS, TEXTURE_ENCODINGS, UPLOADED_MESH_FIELD, check_mesh_arrays, error,
                                in_body, limits, ok, png_variant, spec_from_body, spec_path, validate_spec, wants_png)
 from protocol.wire import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
-from backend.jobs.store import JobStore
+from backend.jobs.store import MIN_FREE_BYTES, DataLock, JobStore
 from backend.server.executor import LocalExecutor
 from backend.server.snapshots import LatestSnapshots
 
@@ -103,7 +103,13 @@ class Server:
                  keys: str | Path | None = None) -> None:
         check_libzmq()
         check_bind(bind, Path(keys) if keys else None)
-        self.store = JobStore(data_dir)
+        self.data_lock = DataLock(data_dir)  # one server per data folder, for this server's life
+        try:
+            self.store = JobStore(data_dir)
+        except BaseException:
+            self.data_lock.release()
+            raise
+        self.store.clean_temp()
         self.store.recover()
         self.presets = presets
         self.ctx = zmq.Context.instance()
@@ -475,6 +481,7 @@ class Server:
             self._loader.shutdown(wait=True, cancel_futures=True)
             self.socket.close(0)
             self.store.close()
+            self.data_lock.release()
 
     def stop(self) -> None:
         self._stop.set()
