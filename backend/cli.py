@@ -137,6 +137,23 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace) -> int:
+    """Rebuild a damaged job store from the job folders (refused while a server holds the folder)."""
+    from backend.jobs.store import DataLock, rebuild
+
+    lock = DataLock(args.data)
+    try:
+        made = rebuild(args.data)
+    finally:
+        lock.release()
+    for path in made["aside"]:
+        print(f"kept the damaged store file as {path}")
+    print(f"rebuilt the job store in {args.data}: {len(made['done'])} done, {len(made['queued'])} queued to resume"
+          + (f", {len(made['skipped'])} folder(s) with an unreadable job.json skipped: {', '.join(made['skipped'])}"
+             if made["skipped"] else ""))
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from backend.server.security import new_certificate
 
@@ -335,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--older-than", type=float, default=30.0, help="days (default 30; 0 = all finished jobs)")
     pr.add_argument("--data", type=Path, default=Path.home() / ".local" / "share" / "psd3d")
     pr.set_defaults(run=_prune)
+    rc = jsub.add_parser("recover", help="rebuild a damaged job store from the job folders (server stopped)")
+    rc.add_argument("--data", type=Path, default=Path.home() / ".local" / "share" / "psd3d")
+    rc.set_defaults(run=_recover)
 
     k = sub.add_parser("keys", help="CURVE certificates for remote use")
     ksub = k.add_subparsers(dest="keys_command", required=True)

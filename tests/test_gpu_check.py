@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("environment", "pytest_gpu", "models", "image2d", "texture", "geometry", "step_cost", "half_precision",
-            "render")
+SECTIONS = ("environment", "pytest_gpu", "models", "image2d", "texture", "geometry", "step_cost", "step_cost_mv",
+            "half_precision", "render", "nerf")
 OPTIONAL_BENCHES = {"half_precision"}  # may be "missing" while scripts/bench/half_precision.py is not written
 
 
@@ -53,6 +53,14 @@ def test_cpu_smoke_times_each_pipeline_and_parses_the_benches(smoke_report):
     assert sections["texture"]["numbers"]["faces"] == 2000
     assert sections["geometry"]["numbers"]["grid"] == 16
     assert {"psd_k1/sds", "psd_k5/sds", "dreamdpo/sds"} <= set(sections["step_cost"]["numbers"])
+    # the multi-view case (MVDream, 4 views per object) and the NeRF render + backward per view
+    assert {"psd_k1/sds", "psd_k2/sds", "psd_k5/sds", "dreamdpo/sds"} <= set(sections["step_cost_mv"]["numbers"])
+    assert sections["step_cost_mv"]["info"]["last_line"].startswith("mvdream-tiny:")
+    assert "mvdream-tiny" in sections["step_cost_mv"]["info"]["command"]
+    assert all(sections["step_cost_mv"]["numbers"][k] > 0 for k in ("psd_k1/sds", "dreamdpo/sds"))
+    nerf = sections["nerf"]["numbers"]
+    assert nerf["nerf_cpu_8_ms"] > 0 and nerf["nerf_cpu_16_ms"] > 0, nerf
+    assert (out / "step_cost_mv.log").is_file()
     assert sections["pytest_gpu"]["numbers"]["failed"] == 0
     assert (out / "report.md").read_text().startswith("# psd3d GPU check: cpu-smoke")
     assert (out / "step_cost.log").is_file()

@@ -266,8 +266,10 @@ def main() -> None:
     ap.add_argument("--shape", choices=list(SHAPES), default="tiny")
     ap.add_argument("--rounds", type=int, default=30,
                     help="rounds of one step per method; a multiple of 10 keeps whole cycles of k = 1, 2 and 5")
-    ap.add_argument("--latent", type=int, default=None,
-                    help="latent size (default 16 tiny and mvdream-tiny, 32 CPU / 64 GPU sd21-shape and mvdream-shape)")
+    ap.add_argument("--latent", type=int, nargs="+", default=None,
+                    help="latent size (default 16 tiny and mvdream-tiny, 32 CPU / 64 GPU sd21-shape and mvdream-shape); "
+                         "several sizes run one after the other on the same models, each ending in a line "
+                         "'<shape> latent<size>: ...'")
     ap.add_argument("--objects", type=int, default=1,
                     help="multi-view shapes: objects per step, 4 views each (the single stage: 2 at 64^2 renders, then 1)")
     ap.add_argument("--threads", type=int, default=None)
@@ -285,11 +287,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     prior, reward = SHAPES[args.shape](device, dtype)
-    size = args.latent or (16 if args.shape.endswith("tiny") else (64 if device.type == "cuda" else 32))
+    sizes = args.latent or [16 if args.shape.endswith("tiny") else (64 if device.type == "cuda" else 32)]
     views = int(getattr(prior, "num_frames", 1))
     batch = f", {args.objects} object(s) x {views} views per step" if views > 1 else ""
     print(f"{args.shape}: models ready in {time.perf_counter() - start:.0f} s; device {device} {dtype}, "
-          f"{torch.get_num_threads()} threads, latent {size}x{size}{batch}, {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, latent {', '.join(f'{z}x{z}' for z in sizes)}{batch}, {args.rounds} interleaved rounds")
     with torch.no_grad():
         y = prior.encode_text([PROMPT])
         n0 = prior.encode_text(["low quality, blurry, ugly"])
@@ -313,38 +315,43 @@ def main() -> None:
     ]
     if args.no_variants:
         methods = methods[:5]
-    runners = [Runner(label, p, reward, g, size, device, timers, n0, y, feats, args.objects) for label, p, g in methods]
-    for runner in runners:  # warm-up: one pair step and one plain step (allocations, kernels)
-        runner.step(timed=False)
-        runner.step(timed=False)
-    for r in range(args.rounds):
-        shift = r % len(runners)
-        start = time.perf_counter()
-        for runner in runners[shift:] + runners[:shift]:
-            runner.step()
-        print(f"  round {r + 1}/{args.rounds}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    for size in sizes:
+        timers.total.clear()
+        prefix = args.shape if len(sizes) == 1 else f"{args.shape} latent{size}"
+        if len(sizes) > 1:
+            print(f"latent {size}x{size}:", flush=True)
+        runners = [Runner(label, p, reward, g, size, device, timers, n0, y, feats, args.objects) for label, p, g in methods]
+        for runner in runners:  # warm-up: one pair step and one plain step (allocations, kernels)
+            runner.step(timed=False)
+            runner.step(timed=False)
+        for r in range(args.rounds):
+            shift = r % len(runners)
+            start = time.perf_counter()
+            for runner in runners[shift:] + runners[:shift]:
+                runner.step()
+            print(f"  round {r + 1}/{args.rounds}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
-    sds = runners[0]
-    ratios = {}
-    print(f"  {'method':18s} {'s/step median [q1, q3]':>30s}   {'/sds median [q1, q3]':>24s}   cycles   per-step parts (s)")
-    for runner in runners:
-        cycles = runner.cycles()
-        per_step = [statistics.fmean(runner.times[i] for i in c) for c in cycles]
-        vs_sds = [statistics.fmean(runner.times[i] for i in c) / statistics.fmean(sds.times[i] for i in c) for c in cycles]
-        q = quartiles(per_step)
-        qr = quartiles(vs_sds)
-        ratios[runner.label] = qr[1]
-        parts = ", ".join(f"{k} {v / len(runner.times):.3f}" for k, v in
-                          sorted(timers.total[runner.label].items(), key=lambda kv: -kv[1]))
-        print(f"  {runner.label:18s} {q[1]:9.3f} [{q[0]:8.3f}, {q[2]:8.3f}]   {qr[1]:10.2f}x [{qr[0]:5.2f}, {qr[2]:5.2f}]"
-              f"   {len(cycles):3d}x{runner.interval}   [{parts}]", flush=True)
-    if not args.no_variants:
-        print(f"  (variants of psd_k1 / psd_k1: n-gradient recomputed instead of reusing the winner's forward "
-              f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
-              f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
-              f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
-    print(f"{args.shape}: psd_k1/sds={ratios['psd_k1']:.2f} psd_k2/sds={ratios['psd_k2']:.2f} "
-          f"psd_k5/sds={ratios['psd_k5']:.2f} dreamdpo/sds={ratios['dreamdpo']:.2f}")
+        sds = runners[0]
+        ratios = {}
+        print(f"  {'method':18s} {'s/step median [q1, q3]':>30s}   {'/sds median [q1, q3]':>24s}   cycles   per-step parts (s)")
+        for runner in runners:
+            cycles = runner.cycles()
+            per_step = [statistics.fmean(runner.times[i] for i in c) for c in cycles]
+            vs_sds = [statistics.fmean(runner.times[i] for i in c) / statistics.fmean(sds.times[i] for i in c) for c in cycles]
+            q = quartiles(per_step)
+            qr = quartiles(vs_sds)
+            ratios[runner.label] = qr[1]
+            parts = ", ".join(f"{k} {v / len(runner.times):.3f}" for k, v in
+                              sorted(timers.total[runner.label].items(), key=lambda kv: -kv[1]))
+            print(f"  {runner.label:18s} {q[1]:9.3f} [{q[0]:8.3f}, {q[2]:8.3f}]   {qr[1]:10.2f}x [{qr[0]:5.2f}, {qr[2]:5.2f}]"
+                  f"   {len(cycles):3d}x{runner.interval}   [{parts}]", flush=True)
+        if not args.no_variants:
+            print(f"  (variants of psd_k1 / psd_k1: n-gradient recomputed instead of reusing the winner's forward "
+                  f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
+                  f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
+                  f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
+        print(f"{prefix}: psd_k1/sds={ratios['psd_k1']:.2f} psd_k2/sds={ratios['psd_k2']:.2f} "
+              f"psd_k5/sds={ratios['psd_k5']:.2f} dreamdpo/sds={ratios['dreamdpo']:.2f}")
 
 
 if __name__ == "__main__":

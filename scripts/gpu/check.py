@@ -25,16 +25,19 @@ Proposed README section ("On a lent GPU machine"):
     | texture | 20 steps of refine's texture stage: 50k faces, 1024^2 texture, renders 1024 -> 512 |
     | geometry | 20 steps of the DMTet geometry stage, grid 128, renders 1024 -> 512 |
     | step_cost | scripts/bench/step_cost.py --shape sd21-shape: PSD k=1,2,5 and DreamDPO per SDS step |
+    | step_cost_mv | scripts/bench/step_cost.py --shape mvdream-shape --latent 32 64: the same on MVDream (1 object x 4 views) |
     | half_precision | scripts/bench/half_precision.py --shape sd21-shape --device cuda |
-    | render | scripts/bench/render.py: rasterizer cost, torch vs nvdiffrast |
+    | render | scripts/bench/render.py: rasterizer cost, torch vs nvdiffrast (its NeRF rows are the next section) |
+    | nerf | the NeRF coarse stage's volume render + backward, one view at 64^2 and 256^2 (render.py's nerf_step, on the GPU) |
 
     `--only texture,render` reruns some sections (environment always runs; models with any
     pipeline section). With the device tool: `run` with `carry: [".wheels"]`, command
     `scripts/gpu/check $OUT`, timeout_s 600. The subprocess sections' full output comes back
-    beside the reports as <section>.log (7 files at most; the tool returns 8).
+    beside the reports as <section>.log (6 logs; with the two reports 8 files, what the tool returns).
 
 Shapes: ``gpu`` (the default; needs CUDA) uses the sizes above in half precision; ``--cpu-smoke``
-uses the tiny preset's models and settings, 2 steps each, a 2000-face mesh and grid 16, fp32.
+uses the tiny preset's models and settings, 2 steps each, a 2000-face mesh and grid 16, fp32;
+mvdream-tiny at 8x8 latents; NeRF renders at 8^2 and 16^2.
 """
 
 from __future__ import annotations
@@ -79,14 +82,15 @@ from backend.presets import TINY_MODELS, get_preset  # noqa: E402
 from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS  # noqa: E402
 from backend.render.ops import Backend, RasterContext  # noqa: E402
 from step_cost import sd21_shape_models  # noqa: E402
+from render import bench as render_bench, nerf_scene, nerf_step  # noqa: E402  (scripts/bench/render.py)
 
 PROMPT = "a wooden treasure chest with iron bands"
 MIN_START_S = 20.0  # a section that cannot have this much is skipped
 NVDIFFRAST_BUILD_S = 240.0  # at most this much of pytest_gpu's budget for nvdiffrast's JIT build
 BUILD_NVDIFFRAST = "import nvdiffrast.torch as dr; dr.RasterizeCudaContext(device='cuda'); print('nvdiffrast built')"
 TAIL = 4000  # characters of a traceback or of a bench's output kept in the report
-SECTIONS = ("environment", "pytest_gpu", "models", "image2d", "texture", "geometry", "step_cost", "half_precision",
-            "render")
+SECTIONS = ("environment", "pytest_gpu", "models", "image2d", "texture", "geometry", "step_cost", "step_cost_mv",
+            "half_precision", "render", "nerf")
 PIPELINES = ("image2d", "texture", "geometry")
 # modules the project imports (backend, tests, benches); nvdiffrast only where there is CUDA
 IMPORTS = ("diffusers", "open_clip", "transformers", "timm", "safetensors", "huggingface_hub", "ftfy", "regex",
@@ -107,8 +111,11 @@ class Plan:
     prior_size: int
     grid: int
     step_cost_args: tuple[str, ...]
+    step_cost_mv_args: tuple[str, ...]  # the multi-view case (MVDream); one line per latent size
     half_precision_args: tuple[str, ...]
-    render_args: tuple[str, ...]
+    render_args: tuple[str, ...]  # with an empty --nerf-res: the nerf section times NeRF on this plan's device
+    nerf_res: tuple[int, ...]
+    nerf_rounds: int
     budgets: dict = field(default_factory=dict)
     threads: int | None = None  # CPU threads, here and in the benches (None: torch's default)
 
@@ -117,19 +124,24 @@ GPU = Plan(
     mode="gpu", deadline_s=480, steps=20, preset="sd21-paper", sphere=(250, 101), texture_size=1024,
     render_size=1024, prior_size=512, grid=128,
     step_cost_args=("--shape", "sd21-shape", "--rounds", "10", "--latent", "64"),
+    step_cost_mv_args=("--shape", "mvdream-shape", "--rounds", "5", "--no-variants", "--latent", "32", "64"),
     half_precision_args=("--shape", "sd21-shape", "--device", "cuda"),
-    render_args=("--rounds", "5"),
+    render_args=("--rounds", "5", "--nerf-res"),  # render.py's NeRF rows would time the CPU too (minutes at 256^2)
+    nerf_res=(64, 256), nerf_rounds=3,
+    # the budgets are caps; the deadline decides: a section that cannot have MIN_START_S is skipped
     budgets={"environment": 60, "pytest_gpu": 200, "models": 90, "image2d": 45, "texture": 60, "geometry": 60,
-             "step_cost": 100, "half_precision": 90, "render": 120},
+             "step_cost": 100, "step_cost_mv": 100, "half_precision": 90, "render": 90, "nerf": 40},
 )
 CPU_SMOKE = Plan(
     mode="cpu-smoke", deadline_s=1200, steps=2, preset="tiny", sphere=(40, 26), texture_size=64,
     render_size=64, prior_size=64, grid=16,  # deadline: for a loaded shared machine; ~2 min on 2 idle cores
     step_cost_args=("--shape", "tiny", "--rounds", "5", "--latent", "8"),
+    step_cost_mv_args=("--shape", "mvdream-tiny", "--rounds", "5", "--no-variants", "--latent", "8"),
     half_precision_args=("--shape", "tiny", "--device", "cpu", "--latent", "8"),
-    render_args=("--rounds", "1", "--faces", "50000", "--res", "256"),
+    render_args=("--rounds", "1", "--faces", "50000", "--res", "256", "--nerf-res"),
+    nerf_res=(8, 16), nerf_rounds=1,
     budgets={"environment": 60, "pytest_gpu": 120, "models": 180, "image2d": 60, "texture": 60, "geometry": 60,
-             "step_cost": 300, "half_precision": 300, "render": 300},
+             "step_cost": 300, "step_cost_mv": 300, "half_precision": 300, "render": 300, "nerf": 120},
     threads=1,  # on a shared 2-core machine, two spinning OpenMP threads per process ran the benches 6x slower
 )
 
@@ -259,8 +271,10 @@ class Check:
             ("texture", self.texture, True),
             ("geometry", self.geometry, True),
             ("step_cost", lambda sec, until: self.bench(sec, until, "step_cost.py", self.plan.step_cost_args), False),
+            ("step_cost_mv", lambda sec, until: self.bench(sec, until, "step_cost.py", self.plan.step_cost_mv_args), False),
             ("half_precision", lambda sec, until: self.bench(sec, until, "half_precision.py", self.plan.half_precision_args), False),
             ("render", lambda sec, until: self.bench(sec, until, "render.py", self.plan.render_args), False),
+            ("nerf", self.nerf, True),
         ]
         if only is not None:
             only = only | {"environment"} | ({"models"} if only & set(PIPELINES) else set())
@@ -431,9 +445,33 @@ class Check:
         sec.info["output_tail"] = tail(out, 1500)
         if rc != 0:
             raise SectionFailed(f"{script} exited {rc}", tail(out + "\n--- stderr ---\n" + err))
-        sec.numbers.update(parse_numbers(sec.info["last_line"]))
+        # step_cost.py with several --latent sizes ends each in '<shape> latent<size>: k=v ...': keys get _latent<size>
+        per_size = [(m.group(1), line) for line in lines if (m := re.match(r"^\S+ latent(\d+): ", line))]
+        if per_size:
+            sec.info["last_line"] = " | ".join(line for _, line in per_size)
+            for size, line in per_size:
+                sec.numbers.update({f"{k}_latent{size}": v for k, v in parse_numbers(line).items()})
+        else:
+            sec.numbers.update(parse_numbers(sec.info["last_line"]))
         if not sec.numbers:
             raise SectionFailed(f"{script}: no key=value numbers in its last line", tail(out))
+
+    def nerf(self, sec: Section, until: float) -> None:
+        """The NeRF coarse stage's volume render + backward of one view (render.py's nerf_scene /
+        nerf_step: hash grid, occupancy grid, 512 samples per ray), median ms per resolution."""
+        device = str(self.device)
+        runs = {}
+        for res in self.plan.nerf_res:
+            if time.monotonic() > until:
+                sec.note = f"stopped by its time budget before {res}^2"
+                break
+            scene = nerf_scene(res, device)
+            runs[f"nerf_{self.device.type}_{res}_ms"] = (lambda s=scene: nerf_step(*s, device), self.sync)
+        if not runs:
+            raise SectionFailed("no NeRF resolution fitted in the section's time budget")
+        for name, ms in render_bench(runs, self.plan.nerf_rounds).items():
+            sec.numbers[name] = round(ms, 2)
+        sec.info["what"] = "volume render + backward, one view, median ms (render.py's nerf_step)"
 
     # -- helpers -------------------------------------------------------------------------------
     def steps_section(self, sec: Section, events, job_dir: Path) -> list[dict]:
