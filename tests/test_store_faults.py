@@ -61,3 +61,101 @@ def test_the_lock_is_held_for_the_servers_life_and_released_after(tmp_path):
     srv.stop()
     thread.join(15)
     DataLock(tmp_path / "data").release()  # free again once the server has stopped
+
+
+# -- item 2: a damaged store never loses acknowledged jobs silently ----------------------------------
+def _running(data):
+    srv = Server(data, bind="tcp://127.0.0.1:*", presets=("tiny",))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    return srv, thread
+
+
+def _damage(data, how: str) -> None:
+    path = data / "jobs.sqlite3"
+    if how == "truncate":
+        path.write_bytes(b"")
+    elif how == "header":
+        with open(path, "r+b") as fh:
+            fh.write(b"this is not SQLite, it is garbage" * 4)
+    else:
+        path.unlink()
+        for suffix in ("-wal", "-shm"):
+            (data / f"jobs.sqlite3{suffix}").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("how", ["truncate", "header", "delete"])
+def test_a_damaged_store_is_refused_and_recovered_without_losing_an_acknowledged_job(tmp_path, tiny, how):
+    from backend.cli import main
+
+    data = tmp_path / "data"
+    srv, thread = _running(data)
+    try:
+        with Client(srv.endpoint, timeout=60) as client:
+            first = client.submit("image2d", {"prompt": "a red teapot", "steps": 2, "seed": 1})[0]
+            assert [type(e).__name__ for _, e in client.watch(first)][-1] == "Done"
+            rest = client.submit("image2d", {"steps": 2}, ["a blue teapot", "a green cup", "a tin box"])
+    finally:
+        srv.stop()
+        thread.join(15)
+    acknowledged = [first, *rest]
+    _damage(data, how)
+    with pytest.raises(StoreDamagedError) as err:  # refused, never served empty
+        Server(data, bind="tcp://127.0.0.1:*", presets=("tiny",))
+    assert err.value.code == "store_damaged" and f"psd3d jobs recover --data {data.resolve()}" in err.value.message
+    assert main(["jobs", "recover", "--data", str(data)]) == 0
+    assert list(data.glob("jobs.sqlite3.damaged-*")) or how == "delete"  # the damaged file is kept aside
+    srv, thread = _running(data)
+    try:
+        with Client(srv.endpoint, timeout=60) as client:
+            assert client.status(first)["state"] == "done"
+            assert [type(e).__name__ for _, e in client.watch(first)][-1] == "Done"  # a watcher still ends
+            for job in acknowledged:
+                kinds = [type(e).__name__ for _, e in client.watch(job)]
+                assert kinds[-1] == "Done", (job, kinds)
+                assert client.status(job)["state"] == "done"
+            body, files = client.result(first)
+            assert "image.png" in files and body["final"]["steps_done"] == 2
+            assert {j["id"] for j in client.request("list").body["jobs"]} == set(acknowledged)
+    finally:
+        srv.stop()
+        thread.join(15)
+
+
+def test_a_new_store_whose_rows_are_still_in_its_wal_is_not_taken_for_damage(tmp_path):
+    writer = JobStore(tmp_path)
+    job = writer.create("image2d", {"prompt": "a cat"})
+    assert (tmp_path / "jobs.sqlite3-wal").stat().st_size > 0  # WAL mode: the row is not checkpointed yet
+    reader = JobStore(tmp_path)
+    assert reader.get(job).state == "queued"
+    reader.close()
+    writer.close()
+
+
+def test_rebuild_keeps_the_submit_keys_so_a_resent_submit_finds_its_jobs(tmp_path):
+    store = JobStore(tmp_path)
+    ids = store.create_jobs("image2d", [{"prompt": "a"}, {"prompt": "b"}], "f" * 32, key="k1")
+    store.close()
+    (tmp_path / "jobs.sqlite3").unlink()
+    with pytest.raises(StoreDamagedError):
+        JobStore(tmp_path)
+    made = rebuild(tmp_path)
+    assert sorted(made["queued"]) == sorted(ids) and made["done"] == []
+    store = JobStore(tmp_path)
+    assert store.submitted("k1") == (ids, "f" * 32)
+    assert all(store.get(j).resume and store.get(j).state == "queued" for j in ids)
+    store.close()
+
+
+def test_recover_refuses_a_healthy_store_and_a_folder_a_server_holds(tmp_path):
+    from backend.cli import main
+
+    JobStore(tmp_path).create("image2d", {"prompt": "a cat"})
+    assert main(["jobs", "recover", "--data", str(tmp_path)]) == 2  # not damaged: nothing to do
+    (tmp_path / "jobs.sqlite3").write_bytes(b"")
+    lock = DataLock(tmp_path)  # a server holds the folder
+    try:
+        assert main(["jobs", "recover", "--data", str(tmp_path)]) == 2
+    finally:
+        lock.release()
+    assert main(["jobs", "recover", "--data", str(tmp_path)]) == 0

@@ -373,6 +373,12 @@ def rebuild(data_dir: str | Path) -> dict:
     from protocol.messages import event_to_message
 
     root = Path(data_dir).resolve()
+    try:
+        JobStore(root).close()
+    except StoreDamagedError:
+        pass
+    else:  # a healthy store holds more than the folders do (failed and cancelled states, every event)
+        raise InvalidInputError(f"data: the job store in {root} is not damaged; nothing to recover", field="data")
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = []
     for suffix in ("", "-wal", "-shm"):
