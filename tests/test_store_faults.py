@@ -159,3 +159,100 @@ def test_recover_refuses_a_healthy_store_and_a_folder_a_server_holds(tmp_path):
     finally:
         lock.release()
     assert main(["jobs", "recover", "--data", str(tmp_path)]) == 0
+
+
+# -- item 3: the worker never dies silently; state and event in one transaction; a full disk ----------
+@pytest.fixture()
+def server(tmp_path, tiny):
+    srv, thread = _running(tmp_path / "data")
+    yield srv
+    srv.stop()
+    thread.join(15)
+
+
+def test_a_store_error_outside_the_pipeline_fails_that_job_and_the_worker_runs_the_next(server, monkeypatch):
+    real = JobStore.set_progress
+    calls = []
+
+    def full_once(self, job_id, step, total):
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, job_id, step, total)
+
+    monkeypatch.setattr(JobStore, "set_progress", full_once)
+    with Client(server.endpoint, timeout=60) as client:
+        hit, after = client.submit("image2d", {"steps": 2}, ["a red teapot", "a blue teapot"])
+        events = [e for _, e in client.watch(hit)]
+        assert type(events[-1]).__name__ == "Failed" and events[-1].code == "disk_full", events[-1]
+        assert client.status(hit)["state"] == "failed" and client.status(hit)["error"]["code"] == "disk_full"
+        assert [type(e).__name__ for _, e in client.watch(after)][-1] == "Done"  # the worker lived on
+        assert client.status(after)["state"] == "done"
+        worker = client.hello()["worker"]
+        assert worker["alive"] and worker["errors"] == 1 and worker["last_error"]["code"] == "disk_full"
+        assert client.request("ping").body["worker"]["alive"]
+
+
+def test_a_terminal_state_and_its_event_commit_together(tmp_path):
+    store = JobStore(tmp_path)
+    job = store.create("image2d", {"prompt": "a cat"})
+    assert store.transition(job, ("queued",), "running")
+    store._db.execute("CREATE TRIGGER no_events BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'injected'); END")
+    with pytest.raises(sqlite3.DatabaseError):
+        store.end(job, "done", {"job": job, "kind": "done", "outputs": {}, "final": {}}, final={})
+    assert store.get(job).state == "running" and store.get(job).final is None and store.last_event(job) is None
+    store._db.execute("DROP TRIGGER no_events")
+    assert store.end(job, "done", {"job": job, "kind": "done", "outputs": {}, "final": {}}, final={}) == 1
+    assert store.get(job).state == "done" and store.last_event(job)["kind"] == "done"
+    assert store.end(job, "cancelled", {"job": job, "kind": "failed"}, before=("queued",)) is None  # not queued
+    store.close()
+
+
+def test_a_job_whose_end_cannot_be_written_is_failed_once_the_store_recovers(server):
+    """The worker's terminal write fails (the event insert aborts): the job does not become done without
+    its event; once the store accepts writes the job fails with a named code and the next job runs."""
+    server.store._db.execute("CREATE TRIGGER no_done BEFORE INSERT ON events WHEN NEW.body LIKE '%\"kind\": \"done\"%' "
+                             "BEGIN SELECT RAISE(ABORT, 'injected'); END")
+    with Client(server.endpoint, timeout=60) as client:
+        (job,) = client.submit("image2d", {"prompt": "a red teapot", "steps": 2})
+        deadline = time.monotonic() + 60
+        while server.executor.errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.executor.errors == 1
+        assert client.status(job)["state"] == "failed"  # never done without its done event
+        assert client.status(job)["error"]["code"] == "storage_error"
+        assert [type(e).__name__ for _, e in client.watch(job)][-1] == "Failed"
+        server.store._db.execute("DROP TRIGGER no_done")
+        (nxt,) = client.submit("image2d", {"prompt": "a blue teapot", "steps": 2})
+        assert [type(e).__name__ for _, e in client.watch(nxt)][-1] == "Done"
+
+
+def test_submits_are_refused_while_the_disk_is_nearly_full(server, monkeypatch):
+    monkeypatch.setattr(store_module, "disk_free", lambda path: store_module.MIN_FREE_BYTES - 1)
+    with Client(server.endpoint, timeout=60) as client:
+        with pytest.raises(ServerError) as err:
+            client.submit("image2d", {"prompt": "a red teapot", "steps": 2})
+        assert err.value.code == "disk_full" and "MiB" in str(err.value)
+        assert client.request("list").body["jobs"] == []  # nothing acknowledged, nothing created
+        assert client.hello()["worker"]["min_free_bytes"] == store_module.MIN_FREE_BYTES
+        monkeypatch.setattr(store_module, "disk_free", lambda path: store_module.MIN_FREE_BYTES)
+        (job,) = client.submit("image2d", {"prompt": "a red teapot", "steps": 2})
+        assert [type(e).__name__ for _, e in client.watch(job)][-1] == "Done"
+
+
+def test_temp_files_left_by_a_crash_are_cleaned_at_start(tmp_path):
+    store = JobStore(tmp_path)
+    job = store.create("image2d", {"prompt": "a cat"})
+    store.close()
+    left = [tmp_path / "jobs" / job / ".metrics.json.abc123.tmp", tmp_path / "uploads" / ".x.glb.def456.tmp"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    srv = Server(tmp_path, bind="tcp://127.0.0.1:*")
+    try:
+        assert not any(path.exists() for path in left)
+        assert (tmp_path / "jobs" / job / "job.json").is_file()
+    finally:
+        srv.socket.close(0)
+        srv.store.close()
+        srv.data_lock.release()

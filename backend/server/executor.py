@@ -4,17 +4,25 @@ loaded between jobs, cancel and finish checked once per optimisation step.
 Every job ends with exactly one terminal event (``done`` or ``failed``), stored with the state
 it ends in: the worker claims a queued job atomically (``queued`` -> ``running``), so a cancel of a
 queued job (made by the server, which emits its ``failed``) and the worker's start never both win.
+A terminal state and its terminal event are one transaction (``JobStore.end``).
+
+The worker never dies silently: an exception outside a pipeline (a full disk in ``set_progress``, a
+store error) fails the affected job with a named code (``disk_full``, ``storage_error``, ``internal``)
+and the loop goes on; when even that cannot be written, it is retried on each turn of the loop.
+``health`` is what ``hello`` and ``ping`` report.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
 from protocol.messages import SPECS, event_to_message
-from backend.jobs.store import JobStore
+from backend.jobs.store import MIN_FREE_BYTES, JobStore, storage_error
 from backend.server.snapshots import save_latest
 
 
@@ -28,6 +36,9 @@ def run_pipeline(pipeline: str, spec, folder, should_stop: Callable[[], bool], r
 
     run = run_generate if pipeline == "generate" else run_refine
     return run(spec, folder, should_stop=should_stop, resume=resume)
+
+
+log = logging.getLogger("psd3d.executor")
 
 
 def _error(failed: Failed) -> dict:
@@ -45,6 +56,9 @@ class LocalExecutor:
         self._cancel: set[str] = set()
         self._finish: set[str] = set()
         self.current: str | None = None
+        self.errors = 0  # exceptions outside a pipeline that the worker survived
+        self.last_error: dict | None = None
+        self._unended: dict[str, Failed] = {}  # jobs whose failure could not be written yet: retried
         self._thread = threading.Thread(target=self._loop, name="psd3d-executor", daemon=True)
 
     def start(self) -> None:
@@ -64,12 +78,23 @@ class LocalExecutor:
     def finish(self, job_id: str) -> None:
         self._finish.add(job_id)
 
+    def health(self) -> dict:
+        """The worker as ``hello`` and ``ping`` report it."""
+        return {"alive": self._thread.is_alive(), "errors": self.errors, "last_error": self.last_error,
+                "min_free_bytes": MIN_FREE_BYTES}
+
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job that has not started, with its terminal event; False when it is no longer queued."""
         reason = Failed("cancelled", "cancelled before it started")
-        if not self.store.transition(job_id, ("queued",), "cancelled", error=_error(reason)):
+        return self._end(job_id, "cancelled", reason, before=("queued",), error=_error(reason))
+
+    def _end(self, job_id: str, state: str, event, before: tuple[str, ...] | None = None, **fields) -> bool:
+        """The job's terminal state and event in one transaction, then published; False when it was not
+        in one of the ``before`` states."""
+        seq = self.store.end(job_id, state, event_to_message(job_id, 0, event).body, before, **fields)
+        if seq is None:
             return False
-        self._emit_once(job_id, reason)
+        self._publish(job_id, seq, event)
         return True
 
     def _publish(self, job_id: str, seq: int, event) -> None:
@@ -78,13 +103,43 @@ class LocalExecutor:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            row = self.store.next_queued()
-            if row is None:
-                self._new_work.wait(0.5)
-                self._new_work.clear()
-                continue
-            if self.store.transition(row.id, ("queued",), "running"):  # else cancelled meanwhile
-                self._run(row)
+            job_id = None
+            try:
+                self._end_unended()
+                row = self.store.next_queued()
+                if row is None:
+                    self._new_work.wait(0.5)
+                    self._new_work.clear()
+                    continue
+                job_id = row.id
+                if self.store.transition(row.id, ("queued",), "running"):  # else cancelled meanwhile
+                    self._run(row)
+            except Exception as exc:  # outside a pipeline: fail the job it hit, keep the worker
+                self._survive(job_id, exc)
+
+    def _survive(self, job_id: str | None, exc: Exception) -> None:
+        err = storage_error(exc)
+        self.errors += 1
+        self.last_error = {"code": err.code, "message": err.message, "job": job_id, "time": time.time()}
+        log.error("worker: %s (job %s); the worker goes on", err.message, job_id, exc_info=exc)
+        self._cancel.discard(job_id)
+        self._finish.discard(job_id)
+        if job_id is None:
+            self._stop.wait(1.0)  # the store itself failed: do not spin
+            return
+        self._unended[job_id] = Failed(err.code, err.message)
+        self._end_unended()
+
+    def _end_unended(self) -> None:
+        """Fail the jobs an error outside their pipeline hit (once it can be written)."""
+        for job_id, reason in list(self._unended.items()):
+            try:
+                self._end(job_id, "failed", reason, before=("running",), error=_error(reason))
+            except Exception as exc:  # still cannot write (a full disk): next turn
+                log.warning("worker: job %s stays running until its failure can be written: %s", job_id, exc)
+                self._stop.wait(1.0)
+                return
+            del self._unended[job_id]
 
     def _emit_once(self, job_id: str, event) -> None:
         body = event_to_message(job_id, 0, event).body
@@ -111,10 +166,11 @@ class LocalExecutor:
                 if isinstance(event, Progress):
                     self.store.set_progress(job_id, event.step, event.total)
                 if isinstance(event, Done):
-                    self.store.set_state(job_id, "done", final=event.final)
+                    self._end(job_id, "done", event, final=event.final)
                 elif isinstance(event, Failed):
-                    self.store.set_state(job_id, "failed", error=_error(event))
-                self._emit_once(job_id, event)
+                    self._end(job_id, "failed", event, error=_error(event))
+                else:
+                    self._emit_once(job_id, event)
                 snapshot_seq = self.store.last_seq(job_id)
                 ended = isinstance(event, (Done, Failed))
         finally:
@@ -124,13 +180,11 @@ class LocalExecutor:
             pass  # a cancel or finish that came as the job ended changes nothing
         elif job_id in self._cancel:
             reason = Failed("cancelled", "cancelled by the user")
-            self.store.set_state(job_id, "cancelled", error=_error(reason))
-            self._emit_once(job_id, reason)
+            self._end(job_id, "cancelled", reason, error=_error(reason))
         elif self._stop.is_set():
             self.store.set_state(job_id, "queued", resume=1)  # shut down mid-job: resume on the next start
         else:  # a pipeline that stopped without saying how it ended: a bug, but the job still ends once
             reason = Failed("internal", "the pipeline ended without a result")
-            self.store.set_state(job_id, "failed", error=_error(reason))
-            self._emit_once(job_id, reason)
+            self._end(job_id, "failed", reason, error=_error(reason))
         self._cancel.discard(job_id)
         self._finish.discard(job_id)

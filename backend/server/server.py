@@ -31,7 +31,7 @@ from protocol.specs import METHODS, REWARDS, BatchSpec, is_int
 from protocol.messages import (REQUESTS, SPECS, TEXTURE_ENCODINGS, UPLOADED_MESH_FIELD, check_mesh_arrays, error,
                                in_body, limits, ok, png_variant, spec_from_body, spec_path, validate_spec, wants_png)
 from protocol.wire import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
-from backend.jobs.store import MIN_FREE_BYTES, DataLock, JobStore
+from backend.jobs.store import DataLock, JobStore, disk_free
 from backend.server.executor import LocalExecutor
 from backend.server.snapshots import LatestSnapshots
 
@@ -213,7 +213,7 @@ class Server:
         # the jobs this peer is subscribed to: a client that finds one missing (a server restart, or a
         # connection the server dropped) resubscribes it
         held = [job for job, peers in self.subscribers.items() if peer in peers]
-        return ok(msg, {"time": time.time(), "subscribed": held})
+        return ok(msg, {"time": time.time(), "subscribed": held, "worker": self.worker_health()})
 
     def on_hello(self, peer, msg):
         tokens = {preset: loading.result().model_max_length for preset, loading in self._tokenizers.items()
@@ -221,7 +221,12 @@ class Server:
         return ok(msg, {"protocol": PROTOCOL_VERSION, "server": "psd3d", "version": backend_version(),
                         "device": self._device_name(), "presets": list(self.presets),
                         "methods": list(METHODS), "rewards": list(REWARDS), "pipelines": list(SPECS),
-                        "limits": {**limits(), "prompt_tokens": tokens}})
+                        "limits": {**limits(), "prompt_tokens": tokens}, "worker": self.worker_health()})
+
+    def worker_health(self) -> dict:
+        """The worker (alive, errors survived, the last one) and the free-space threshold below which
+        submits are refused (``disk_full``), with the data folder's free bytes now."""
+        return {**self.executor.health(), "free_bytes": disk_free(self.store.root)}
 
     def on_submit(self, peer, msg):
         body = msg.body
@@ -230,6 +235,7 @@ class Server:
             raise InvalidInputError(f"key: must be a string of 1..{MAX_ID_CHARS} characters, got {key!r}", field="key")
         if key is not None and (made := self.store.submitted(key)) is not None:
             return ok(msg, {"jobs": made[0], "batch": made[1]})  # a resent submit: the jobs it made, once
+        self.store.check_space()  # a (nearly) full disk: refused before anything is written
         prompts = body.get("prompts")
         spec_fields = body.get("spec", {})
         pipeline = body.get("pipeline")
