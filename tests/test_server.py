@@ -497,3 +497,25 @@ def test_following_an_ended_job_that_was_seen_whole_ends_at_once_with_its_latest
         assert [type(e.event) for e in got] == [ImageSnapshot]
     finally:
         sess.close()
+
+
+def test_generate_with_the_mvdream_recipe_streams_meshes_a_texture_and_a_textured_glb(server, tmp_path):
+    """generate --recipe mvdream (tiny MVDream twin, NeRF stage) over the real socket, end to end."""
+    from backend.geometry.mesh import load_mesh
+    from protocol.events import MeshSnapshot, TextureSnapshot
+
+    with Client(server.endpoint, timeout=60) as client:
+        with pytest.raises(ServerError) as err:
+            client.submit("generate", {"prompt": "a wooden chair", "recipe": "nerf", "steps": 2})
+        assert err.value.code == "unknown_name" and err.value.field == "spec.recipe" and "mvdream" in str(err.value)
+        (job,) = client.submit("generate", {"prompt": "a wooden chair", "recipe": "mvdream", "steps": 2, "seed": 3})
+        events = [e for _, e in client.watch(job)]
+        assert isinstance(events[-1], Done), events[-1]
+        assert any(isinstance(e, MeshSnapshot) for e in events)
+        assert any(isinstance(e, TextureSnapshot) for e in events)
+        assert {e.stage for e in events if isinstance(e, Progress)} == {"nerf"}
+        _, files = client.result(job)
+    (tmp_path / "out.glb").write_bytes(files["out.glb"])
+    out = load_mesh(tmp_path / "out.glb")
+    assert out.faces.shape[0] > 0 and out.uvs is not None and out.uvs.shape[0] > 0
+    assert out.texture is not None and out.texture.shape[0] > 1 and out.texture.shape[1] > 1
