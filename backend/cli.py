@@ -37,8 +37,8 @@ def _mesh3d(args: argparse.Namespace) -> int:
     else:
         init = str(args.init_mesh) if args.init_mesh else None
         recipe = {"recipe": args.recipe} if args.recipe else {}
-        events = run_generate(GenerateSpec(init_mesh=init, rasterizer=args.rasterizer, **recipe, **common), args.out,
-                              resume=args.resume)
+        events = run_generate(GenerateSpec(init_mesh=init, init_mesh_through_coarse=args.init_mesh_through_coarse,
+                                           rasterizer=args.rasterizer, **recipe, **common), args.out, resume=args.resume)
     print(f"psd3d {args.command}: {args.method} on {args.preset!r}, loading models…", file=sys.stderr)
     return _consume(events, args.method, args.recipe or "sd-dmtet" if args.command == "generate" else None)
 
@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "mvdream-nerf: the paper's 2-stage pipeline, that NeRF refined on SD 2.1 at 512^2; "
                             "mvdream-dmtet: the paper's 3-stage pipeline, that NeRF -> DMTet geometry -> PSD texture")
 
+    def through_coarse(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--init-mesh-through-coarse", action="store_true",
+                       help="mvdream-dmtet: start the MVDream stage's NeRF from --init-mesh instead of skipping that stage")
+
     def max_t(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-t", type=float, default=None,
                        help="refine strength: the largest noise level, a fraction of the diffusion schedule "
@@ -289,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(g)
     recipe(g)
     g.add_argument("--init-mesh", type=Path, default=None, help="a blocked-out mesh to start from (kept in its frame)")
+    through_coarse(g)
     rasterizer(g)
     g.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     g.set_defaults(run=_mesh3d)
@@ -323,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             recipe(sp)
             sp.add_argument("--init-mesh", type=Path, default=None)
+            through_coarse(sp)
             rasterizer(sp)
         if name == "refine":
             sp.add_argument("--mesh", type=Path, required=True)

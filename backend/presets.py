@@ -107,7 +107,7 @@ PRESETS: dict[str, Preset] = {
         single=NerfSettings(steps=8, render_sizes=(32, 64), objects=(1, 1), prior_size=64,
                             nerf=NerfConfig(hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12),
                                             isosurface_resolution=32),
-                            render=VolumeRenderConfig(num_samples_per_ray=64), texture_size=64,
+                            render=VolumeRenderConfig(num_samples_per_ray=64), texture_size=64, init_fit_steps=60,
                             extract_resolution=32, snapshot_every=4, checkpoint_every=4),
         nerf_refine=replace(SD_NERF_STAGE2, steps=8, render_sizes=(64, 64), prior_size=64,
                             render=VolumeRenderConfig(num_samples_per_ray=64), texture_size=64,

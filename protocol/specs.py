@@ -196,14 +196,22 @@ class GenerateSpec(MeshJobSpec):
     """Text to a textured mesh by one of RECIPES."""
 
     recipe: str = "sd-dmtet"
-    init_mesh: str | None = None  # a blocked-out mesh (sd-dmtet); its frame and scale are kept
+    # a blocked-out mesh; its frame and scale are kept. It starts the first stage: DMTet (sd-dmtet,
+    # and mvdream-dmtet, which then skips its MVDream stage) or the NeRF (mvdream, mvdream-nerf)
+    init_mesh: str | None = None
+    # mvdream-dmtet with an init_mesh: start the MVDream stage's NeRF from it instead of skipping that stage
+    init_mesh_through_coarse: bool = False
 
     def validate(self, presets: tuple[str, ...]) -> None:
         super().validate(presets)
         require_choice(self.recipe, RECIPES, "recipe")
         if self.init_mesh is not None:
             check_path(self.init_mesh, "init_mesh", "a mesh file")
-            require(self.recipe == "sd-dmtet", "init_mesh", f"starts the sd-dmtet recipe only, not {self.recipe!r}")
+        require(isinstance(self.init_mesh_through_coarse, bool), "init_mesh_through_coarse",
+                f"must be true or false, got {self.init_mesh_through_coarse!r}")
+        if self.init_mesh_through_coarse:
+            require(self.recipe == "mvdream-dmtet" and self.init_mesh is not None, "init_mesh_through_coarse",
+                    "applies to an init_mesh with the mvdream-dmtet recipe (the others start their first stage from it)")
 
 
 MAX_BATCH = 1000

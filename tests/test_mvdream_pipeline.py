@@ -140,3 +140,40 @@ def test_stage_labels_name_the_stage_and_its_number():
     assert stage_label("mvdream-dmtet", "geometry") == "stage 2 of 3: geometry"
     assert stage_label("mvdream", "nerf") == "nerf" and stage_label(None, "texture") == "texture"
     assert stage_position("sd-dmtet", "texture") == (2, 2) and stage_position("sd-dmtet", "nerf") is None
+
+
+@pytest.fixture(scope="module")
+def block_out(tmp_path_factory):
+    """An off-centre, stretched sphere: a block-out in its own frame."""
+    from backend.geometry.mesh import Mesh, save_glb
+    from backend.geometry.primitives import uv_sphere
+
+    v, f, _ = uv_sphere(24, 12, radius=0.3)
+    v = v * torch.tensor([2.0, 1.0, 1.0]) + torch.tensor([3.0, 1.0, -2.0])
+    path = tmp_path_factory.mktemp("blockout") / "block.glb"
+    save_glb(Mesh(v, f.long()), path)
+    return path
+
+
+def test_the_nerf_starts_from_the_block_out_and_the_result_keeps_its_frame(tmp_path, tiny, block_out):
+    events = list(run_generate(GenerateSpec(prompt="a rugby ball", recipe="mvdream", steps=2, seed=1,
+                                            init_mesh=str(block_out)), tmp_path, models=tiny))
+    assert isinstance(events[-1], Done), events[-1]
+    assert events[-1].final["init_fit_error"] < 0.1
+    out = load_mesh(tmp_path / "out.glb").positions
+    lo, hi = out.amin(0), out.amax(0)
+    # the block-out spans x 2.4..3.6, y 0.7..1.3, z -2.3..-1.7: the result sits there, at its size
+    assert torch.allclose((lo + hi) / 2, torch.tensor([3.0, 1.0, -2.0]), atol=0.15)
+    assert 0.9 < float(hi[0] - lo[0]) < 1.5 and float(hi[1] - lo[1]) < 0.9
+
+
+def test_mvdream_dmtet_skips_its_coarse_stage_for_a_block_out_unless_asked(tmp_path, tiny, block_out):
+    for through, stages in ((False, ["geometry", "texture"]), (True, ["nerf", "geometry", "texture"])):
+        spec = GenerateSpec(prompt="a rugby ball", recipe="mvdream-dmtet", steps=1, seed=1, init_mesh=str(block_out),
+                            init_mesh_through_coarse=through)
+        events = list(run_generate(spec, tmp_path / str(through), models=tiny))
+        assert isinstance(events[-1], Done), events[-1]
+        assert [e.stage for e in events if isinstance(e, Progress)] == stages
+    with pytest.raises(InvalidInputError) as err:
+        GenerateSpec(prompt="a", recipe="mvdream", init_mesh="b.glb", init_mesh_through_coarse=True).validate(tuple(PRESETS))
+    assert err.value.field == "init_mesh_through_coarse"

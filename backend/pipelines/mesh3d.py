@@ -9,6 +9,7 @@ Both optimise in a unit frame and write every result back in the input's own fra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +22,7 @@ from protocol.specs import GenerateSpec, RefineSpec
 from backend.files import atomic_torch_save, atomic_write_json
 from backend.geometry.dmtet import TetGrid, ellipsoid_sdf, sphere_sdf
 from backend.geometry.mesh import Mesh, Normalisation, load_mesh, repair
-from backend.geometry.nerf import dmtet_from_field
+from backend.geometry.nerf import dmtet_from_field, fit_field_to_mesh
 from backend.geometry.sdf import mesh_sdf
 from backend.geometry.uv import unwrap
 from backend.models import LoadedModels, load_models, load_multiview
@@ -118,6 +119,25 @@ def _refine(spec: RefineSpec, out: Path, models, should_stop, resume) -> Iterato
     yield finish(stage, Mesh(mesh.positions, mesh.faces, mesh.uvs), spec.prompt, out, f"refine {spec.method}: {spec.prompt}")
 
 
+@dataclass
+class BlockOut:
+    """An artist's block-out in the unit optimisation frame, and the frame it came in."""
+
+    norm: Normalisation
+    positions: torch.Tensor  # (V,3) unit frame
+    faces: torch.Tensor
+    warnings: list[str]
+
+
+def _block_out(spec: GenerateSpec) -> BlockOut | None:
+    if not spec.init_mesh:
+        return None
+    block, warnings = repair(load_mesh(spec.init_mesh, "init_mesh"), "init_mesh")
+    norm = Normalisation.fit(block.positions.numpy().astype(np.float64))
+    unit = torch.from_numpy(norm.to_unit(block.positions.numpy().astype(np.float64)).astype(np.float32))
+    return BlockOut(norm, unit, block.faces, warnings)
+
+
 def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Iterator[Event]:
     if spec.recipe in ("mvdream", "mvdream-nerf"):
         yield from _generate_nerf(spec, out, models, should_stop, resume)
@@ -125,19 +145,20 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     preset, models, n0, ctx = _prepare(spec, out, models)
     geo = preset.geometry
     grid = TetGrid.cube(geo.grid_resolution)
-    if spec.recipe == "mvdream-dmtet":  # Table 2's 3-stage pipeline: MVDream NeRF -> DMTet geometry -> texture
+    block = _block_out(spec)
+    # Table 2's 3-stage pipeline: MVDream NeRF -> DMTet geometry -> texture; a block-out skips the
+    # coarse stage unless the spec sends it through
+    if spec.recipe == "mvdream-dmtet" and (block is None or spec.init_mesh_through_coarse):
         atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict()})
-        coarse = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume)
+        coarse = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume, block)
         if should_stop():  # Stop & Keep in the coarse stage keeps the NeRF's result
-            yield from _finish_coarse(spec, out, preset, models, n0, ctx, coarse)
+            yield from _finish_coarse(spec, out, preset, models, n0, ctx, coarse, block)
             return
         grid, sdf0 = dmtet_from_field(coarse.field, geo.grid_resolution, coarse.surface_level())
-        norm, warnings = Normalisation(), []
-    elif spec.init_mesh:
-        block, warnings = repair(load_mesh(spec.init_mesh, "init_mesh"), "init_mesh")
-        norm = Normalisation.fit(block.positions.numpy().astype(np.float64))
-        unit_pos = torch.from_numpy(norm.to_unit(block.positions.numpy().astype(np.float64)).astype(np.float32))
-        sdf0 = mesh_sdf(grid.vertices, unit_pos, block.faces)
+        norm, warnings = (Normalisation(), []) if block is None else (block.norm, block.warnings)
+    elif block is not None:
+        norm, warnings = block.norm, block.warnings
+        sdf0 = mesh_sdf(grid.vertices, block.positions, block.faces)
     else:
         norm, warnings = Normalisation(), []
         radius = geo.primitive_radius
@@ -183,9 +204,10 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
 
 
 def _coarse_stage(spec: GenerateSpec, out: Path, preset: Preset, models: LoadedModels, n0: torch.Tensor,
-                  should_stop, resume) -> Iterator[Event]:
+                  should_stop, resume, block: BlockOut | None = None) -> Iterator[Event]:
     """Run MVDream's single stage (NeRF) of a job; returns the stage (``yield from`` gives it back).
-    Its negative embedding starts from mvdream-sd21.yaml's negative prompt unless the spec names one."""
+    Its negative embedding starts from mvdream-sd21.yaml's negative prompt unless the spec names one;
+    its NeRF from the artist's block-out when there is one (else threestudio's blob)."""
     settings = preset.single
     mv_prior = load_multiview(preset.models, device=models.prior.device, dtype=models.prior.dtype)
     if spec.negative_prompt is None and not spec.negative_embedding:
@@ -193,22 +215,30 @@ def _coarse_stage(spec: GenerateSpec, out: Path, preset: Preset, models: LoadedM
     guidance = with_overrides(settings.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
                               reward_scale=spec.reward_scale, interval=spec.interval)
     total = spec.steps or settings.steps
-    stage = NerfStage(models, mv_prior, spec.prompt, n0, settings, guidance, spec.seed, out, Normalisation().to_world)
-    if resume:
-        stage.load_checkpoint()
+    norm = Normalisation() if block is None else block.norm
+    stage = NerfStage(models, mv_prior, spec.prompt, n0, settings, guidance, spec.seed, out, norm.to_world)
+    if not (resume and stage.load_checkpoint()) and block is not None:
+        stage.log.final["init_fit_error"] = fit_field_to_mesh(stage.field, block.positions.to(stage.device),
+                                                              block.faces.to(stage.device), settings.init_fit_steps,
+                                                              seed=spec.seed)
     yield from stage.run(total, should_stop)
     stage.save_checkpoint()  # a resumed job skips a finished coarse stage
     return stage
 
 
 def _finish_coarse(spec: GenerateSpec, out: Path, preset: Preset, models: LoadedModels, n0: torch.Tensor, ctx,
-                   stage: NerfStage) -> Iterator[Event]:
-    """The NeRF as the job's result: its surface, unwrapped, with the albedo baked."""
-    baked = stage.textured_mesh()  # the NeRF's frame is the optimisation frame; no input frame to go back to
+                   stage: NerfStage, block: BlockOut | None = None) -> Iterator[Event]:
+    """The NeRF as the job's result: its surface, unwrapped, with the albedo baked, in the
+    block-out's frame when the job started from one."""
+    baked = stage.textured_mesh()  # the NeRF's frame is the optimisation frame
+    norm = Normalisation() if block is None else block.norm
+    if block is not None:
+        stage.log.final["warnings"] = block.warnings
     # the baked result is rendered (turntable, rewards) by a texture stage that takes no steps
     viewer = TextureStage(models, baked, spec.prompt, n0, preset.texture, _texture_guidance(preset, spec), spec.seed,
-                          out, rig_from_spec(spec.cameras), ctx=ctx)
-    world = Mesh(baked.positions, baked.faces, baked.uvs)
+                          out, rig_from_spec(spec.cameras, tuple(norm.centre), norm.scale), ctx=ctx)
+    world = Mesh(torch.from_numpy(norm.to_world(baked.positions.numpy().astype(np.float64)).astype(np.float32)),
+                 baked.faces, baked.uvs)
     pos, faces, uvs = mesh_snapshot_arrays(world)
     yield MeshSnapshot(stage.step, pos, faces, uvs, stage.topology_id + 1)
     yield TextureSnapshot(stage.step, viewer.texture_rgba())
@@ -223,7 +253,8 @@ def _generate_nerf(spec: GenerateSpec, out: Path, models, should_stop, resume) -
     atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict(),
                                           "nerf_steps": spec.steps or preset.single.steps,
                                           "guidance": config_to_json(preset.single.guidance)})
-    stage = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume)
+    block = _block_out(spec)
+    stage = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume, block)
     if spec.recipe == "mvdream-nerf" and not should_stop():
         settings = preset.nerf_refine
         if spec.negative_prompt is None and not spec.negative_embedding:
@@ -231,10 +262,10 @@ def _generate_nerf(spec: GenerateSpec, out: Path, models, should_stop, resume) -
         guidance = with_overrides(settings.guidance, method=Method(spec.method), guidance_scale=spec.guidance_scale,
                                   reward_scale=spec.reward_scale, interval=spec.interval)
         refine = NerfStage(models, models.prior, spec.prompt, n0, settings, guidance, spec.seed, out,
-                           Normalisation().to_world, start=stage)
+                           stage.to_world, start=stage)
         if resume:
             refine.load_checkpoint()
         yield from refine.run(spec.steps or settings.steps, should_stop)
         refine.save_checkpoint()
         stage = refine
-    yield from _finish_coarse(spec, out, preset, models, n0, ctx, stage)
+    yield from _finish_coarse(spec, out, preset, models, n0, ctx, stage, block)

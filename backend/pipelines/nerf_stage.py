@@ -87,6 +87,7 @@ class NerfSettings:
     view_prompts: bool = False  # guidance.view_dependent_prompting: false
     name: str = "nerf"  # the Progress events' stage
     texture_size: int = 1024  # ours: the baked albedo
+    init_fit_steps: int = 300  # ours: Adam steps fitting the NeRF to an artist's block-out (geometry/nerf.fit_field_to_mesh)
     extract_resolution: int = 128  # geometry.isosurface_resolution (threestudio's default)
     snapshot_every: int = 250  # ours: a streamed mesh costs one extraction
     checkpoint_every: int = 500
