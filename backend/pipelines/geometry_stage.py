@@ -24,6 +24,7 @@ from backend.psd.guidance import Weighting, distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import DreamTimeSchedule
 from backend.render.camera import OrbitSpec
+from backend.render.integral_noise import IntegralNoise, IntegralNoiseConfig, surface_points
 from backend.pipelines.cfd import CFD_CAMERAS, CFD_LOSS_SCALE
 from backend.pipelines.stage import DistillationStage
 from backend.pipelines.views import ViewPrompts, resize_for_prior
@@ -64,6 +65,9 @@ class GeometrySettings:
     schedule: DreamTimeSchedule = field(default_factory=DreamTimeSchedule)  # t_scheduler.dreamtime_anneal
     snapshot_every: int = 50
     checkpoint_every: int = 200
+    # CFD's integral noise (noise_generator: triplane-noise-generator, paper Eq. 17) for SDS's
+    # noise; None: random noise
+    integral_noise: IntegralNoiseConfig | None = field(default_factory=IntegralNoiseConfig)
 
 
 class GeometryStage(DistillationStage):
@@ -89,6 +93,9 @@ class GeometryStage(DistillationStage):
         self.distiller = ScoreDistiller(prior, models.target_reward, None, self.views.front, negative,
                                         settings.guidance, self.generator)
         self.cameras = settings.cameras.resized(settings.render_size, settings.render_size)
+        # its own generator, so the run's RNG stream is unchanged by turning the noise on
+        self.noise = None if settings.integral_noise is None else IntegralNoise(
+            settings.integral_noise, torch.Generator().manual_seed(seed))
         self.step = 0
         self.log = MetricsLog()
         self.topology_id = 0
@@ -113,7 +120,9 @@ class GeometryStage(DistillationStage):
     def save_checkpoint(self) -> None:
         atomic_torch_save({"step": self.step, "sdf": self.sdf.detach().cpu(), "deform": self.deform.detach().cpu(),
                            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                           "metrics": self.log.steps}, self.out / self.CHECKPOINT)
+                           "metrics": self.log.steps,
+                           "integral_noise": None if self.noise is None else self.noise.state_dict()},
+                          self.out / self.CHECKPOINT)
 
     def load_checkpoint(self) -> bool:
         path = self.out / self.CHECKPOINT
@@ -125,6 +134,8 @@ class GeometryStage(DistillationStage):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.log.steps, self.step = state["metrics"], state["step"]
+        if self.noise is not None and state.get("integral_noise") is not None:
+            self.noise.load_state_dict(state["integral_noise"])
         return True
 
     def update(self, total: int) -> tuple[torch.Tensor, StepOutput, dict]:
@@ -140,7 +151,11 @@ class GeometryStage(DistillationStage):
         prior = self.models.prior
         t = s.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
         x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
-        out = self.distiller.step(x_c, t, self.step, y=y)
+        noise = None
+        if self.noise is not None:
+            points, mask = surface_points(self.ctx, frags, verts, faces.int())
+            noise = self.noise.sample(points, mask, tuple(x_c.shape[-2:])).to(x_c.device)
+        out = self.distiller.step(x_c, t, self.step, y=y, noise=noise)
         loss = distillation_loss(x_c, out.grad)
         if s.normal_consistency_weight > 0 or s.laplacian_weight > 0:
             edges = mesh_edges(faces)

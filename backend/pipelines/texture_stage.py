@@ -24,6 +24,7 @@ from backend.psd.guidance import Weighting, distillation_loss
 from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.schedule import DreamTimeSchedule, LinearAnnealSchedule
 from backend.render.camera import OrbitSpec
+from backend.render.integral_noise import IntegralNoise, IntegralNoiseConfig, surface_points
 from backend.pipelines.cfd import CFD_CAMERAS
 from backend.pipelines.stage import DistillationStage
 from backend.pipelines.views import ViewPrompts, resize_for_prior
@@ -61,6 +62,9 @@ class TextureSettings:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # ours (CFD: a learned environment map)
     snapshot_every: int = 10
     checkpoint_every: int = 100
+    # CFD's integral noise (noise_generator: triplane-noise-generator, paper Eq. 17) for the first
+    # noising of each step (one of the pair, so the winner's when it wins); None: random noise
+    integral_noise: IntegralNoiseConfig | None = field(default_factory=IntegralNoiseConfig)
 
 
 class TextureStage(DistillationStage):
@@ -102,6 +106,9 @@ class TextureStage(DistillationStage):
         self.uvs = mesh.uvs.to(self.device)
         self.background = torch.tensor(settings.background, device=self.device)
         self.cameras = (rig or settings.cameras).resized(settings.render_size, settings.render_size)
+        # its own generator, so the run's RNG stream is unchanged by turning the noise on
+        self.noise = None if settings.integral_noise is None else IntegralNoise(
+            settings.integral_noise, torch.Generator().manual_seed(seed))
         self.step = 0
         self.log = MetricsLog()
 
@@ -116,6 +123,7 @@ class TextureStage(DistillationStage):
             "generator": self.generator.get_state(),
             "metrics": self.log.steps,
             "tag": self.checkpoint_tag,
+            "integral_noise": None if self.noise is None else self.noise.state_dict(),
         }, self.out / self.CHECKPOINT)
 
     def load_checkpoint(self) -> bool:
@@ -133,12 +141,14 @@ class TextureStage(DistillationStage):
         self.generator.set_state(state["generator"])
         self.log.steps = state["metrics"]
         self.step = state["step"]
+        if self.noise is not None and state.get("integral_noise") is not None:
+            self.noise.load_state_dict(state["integral_noise"])
         return True
 
     # -- rendering ---------------------------------------------------------------------------
-    def render(self, cameras, tex: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,3,H,W) textured renders, rows top-first."""
-        frags = rasterize_views(self.ctx, self.positions, self.faces, cameras)
+    def render(self, cameras, tex: torch.Tensor | None = None, frags=None) -> torch.Tensor:
+        """(B,3,H,W) textured renders, rows top-first; ``frags`` the cameras' fragments if rasterised."""
+        frags = frags if frags is not None else rasterize_views(self.ctx, self.positions, self.faces, cameras)
         return render_albedo(self.ctx, frags, self.faces, self.uvs, self.texture() if tex is None else tex, self.background)
 
     def texture_rgba(self) -> np.ndarray:
@@ -159,9 +169,14 @@ class TextureStage(DistillationStage):
         prior = self.models.prior
         cams, y = self.views.sample(self.cameras, s.views, self.generator)
         t = self.schedule.sample(self.step, total, s.views, prior.num_train_timesteps, self.generator).to(self.device)
-        images = self.render(cams)
+        frags = rasterize_views(self.ctx, self.positions, self.faces, cams)
+        images = self.render(cams, frags=frags)
         x_c = prior.encode_images(resize_for_prior(images, s.prior_size))
-        out = self.distiller.step(x_c, t, self.step, y=y)
+        noise = None
+        if self.noise is not None:
+            points, mask = surface_points(self.ctx, frags, self.positions, self.faces)
+            noise = self.noise.sample(points, mask, tuple(x_c.shape[-2:])).to(x_c.device)
+        out = self.distiller.step(x_c, t, self.step, y=y, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
         distillation_loss(x_c, out.grad).backward()
         self.optimizer.step()

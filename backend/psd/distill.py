@@ -174,10 +174,13 @@ class ScoreDistiller:
         return self.config.method is not Method.SDS and step % self.config.interval == 0
 
     def step(self, x_c: torch.Tensor, t: torch.Tensor, step: int, y: torch.Tensor | None = None,
-             camera: torch.Tensor | None = None) -> StepOutput:
+             camera: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> StepOutput:
         """x_c (N,C,h,w) clean latents; t (N,) integer timesteps (equal within an object); step the
         iteration index; ``y`` (N,L,D) per-view prompt embeddings (view-dependent prompts), default
-        the run's; ``camera`` (N,16) for a multi-view prior."""
+        the run's; ``camera`` (N,16) for a multi-view prior; ``noise`` (N,C,h,w) the first noising's
+        eps instead of a random draw (CFD's integral noise, paper Eq. 17: the pair is then one
+        integral-noise sample and one random one, and whichever wins is the winner; SDS steps noise
+        with it)."""
         cfg = self.config
         y = self.y if y is None else y
         x0 = x_c.detach().float()
@@ -187,7 +190,10 @@ class ScoreDistiller:
             raise ValueError(f"{x0.shape[0]} rows are not whole objects of {self.views} views")
         a, s = self.prior.alpha_sigma(t)
         n = self.negative.value.detach()
-        first = self._noising(x0, self._randn(x0), a, s)  # Alg. 1 line 3
+        if noise is not None and noise.shape != x0.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} does not match the latent {tuple(x0.shape)}")
+        eps1 = self._randn(x0) if noise is None else noise.detach().to(x0)
+        first = self._noising(x0, eps1, a, s)  # Alg. 1 line 3
 
         if not self.is_pair_step(step):  # plain SDS, Eq. 14
             first.eps_y, first.eps_n = self._eps([first.x, first.x], t, [y, n], camera)

@@ -144,13 +144,18 @@ class IntegralNoise:
     @torch.no_grad()
     def sample(self, points: torch.Tensor, mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """points (B,H,W,3) the world surface point each render pixel sees (row 0 at the top, the
-        latent's order); mask (B,H,W) bool foreground; latent_hw (h, w) with H, W multiples of it.
+        latent's order); mask (B,H,W) bool foreground; latent_hw (h, w), H and W multiples of it (else
+        resampled, nearest, to the closest multiples).
         Returns (B, C, h, w) float32 on points' device, every pixel exactly N(0, 1) marginally."""
         c = self.config
         B, H, W, _ = points.shape
         h, w = latent_hw
-        if H % h or W % w:
-            raise ValueError(f"render {H}x{W} is not a whole multiple of the latent {h}x{w}")
+        if H % h or W % w:  # resample (nearest) to a whole number of sub-pixels per latent pixel
+            k = max(1, round(H / h)), max(1, round(W / w))
+            grid = torch.cat([points.float().permute(0, 3, 1, 2), mask.float()[:, None]], 1)
+            grid = torch.nn.functional.interpolate(grid, size=(h * k[0], w * k[1]), mode="nearest")
+            points, mask = grid[:, :3].permute(0, 2, 3, 1), grid[:, 3] > 0.5
+            B, H, W, _ = points.shape
         sh, sw = H // h, W // w
         device = points.device
         mask = mask.bool() & torch.isfinite(points).all(-1)
@@ -176,3 +181,14 @@ class IntegralNoise:
         total = total + n_bg.sqrt()[:, None] * bg
         g = total / (count + n_bg).clamp_min(1.0).sqrt()[:, None]
         return g.view(B, h, w, c.channels).permute(0, 3, 1, 2).contiguous()
+
+
+def surface_points(ctx, frags, positions: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world point each render pixel sees, from rasterised fragments
+    (:func:`backend.render.shading.rasterize_views`): points (B,H,W,3) and mask (B,H,W) bool, rows
+    top-first like the renders and latents."""
+    from backend.render.ops import interpolate
+
+    with torch.no_grad():
+        pts = interpolate(ctx, positions.detach().float(), frags.rast, faces)
+    return pts.flip(1), (frags.rast[..., 3] > 0).flip(1)
