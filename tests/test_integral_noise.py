@@ -185,3 +185,85 @@ def test_equal_area_cells():
     counts = torch.bincount(noise.cell_index(torch.randn(320000, 3, generator=torch.Generator().manual_seed(0))),
                             minlength=noise.cells).float()
     assert (counts / counts.mean() - 1).abs().max() < 0.05
+
+
+class _StubPrior:
+    num_train_timesteps = 1000
+
+    def alpha_sigma(self, t):
+        abar = 1 - t.double().view(-1, 1, 1, 1) / 1000
+        return abar.sqrt().float(), (1 - abar).sqrt().float()
+
+    def predict_eps(self, x, t, cond):
+        return torch.tanh(0.7 * x + cond.float().mean(dim=(1, 2)).view(-1, 1, 1, 1))
+
+    def decode_for_reward(self, latents, tiny=True):
+        return latents
+
+
+class _StubReward:
+    def score(self, images, text_features):
+        return images.flatten(1).mean(dim=1)
+
+
+def _distiller(method, seed):
+    from backend.psd.distill import GuidanceConfig, ScoreDistiller
+    from backend.psd.negative import NegativeConfig, NegativeEmbedding
+
+    class Recording(ScoreDistiller):
+        def _noising(self, x0, eps, a, s):
+            self.seen.append(eps.clone())
+            return super()._noising(x0, eps, a, s)
+
+    d = Recording(_StubPrior(), _StubReward(), None, torch.full((1, 2, 3), 0.2),
+                  NegativeEmbedding(torch.full((1, 2, 3), -0.1), NegativeConfig(lr=0.0)),
+                  GuidanceConfig(method=method, guidance_scale=7.5, reuse_winner_forward=False),
+                  torch.Generator().manual_seed(seed))
+    d.seen = []
+    return d
+
+
+def test_distiller_uses_the_given_noise_first():
+    from backend.psd.distill import Method
+
+    x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([600, 300])
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(11))
+    # SDS: the step's noise is the given one, whatever the run's generator
+    a, b = _distiller(Method.SDS, 1), _distiller(Method.SDS, 2)
+    ga, gb = a.step(x0, t, 0, noise=noise).grad, b.step(x0, t, 0, noise=noise).grad
+    assert torch.equal(ga, gb) and torch.equal(a.seen[0], noise)
+    # PSD: the pair is the given noise and a random draw
+    p = _distiller(Method.PSD, 1)
+    out = p.step(x0, t, 0, noise=noise)
+    assert out.pair and torch.equal(p.seen[0], noise) and not torch.equal(p.seen[1], noise)
+    # without it, a random draw as before
+    r = _distiller(Method.PSD, 1)
+    r.step(x0, t, 0)
+    assert not torch.equal(r.seen[0], noise)
+
+
+def test_surface_points_from_fragments_line_up_with_the_renders():
+    """surface_points rows are top-first like the renders: on a sphere about the origin, the normal
+    render at each pixel is the normalised point that pixel sees."""
+    from backend.geometry.primitives import uv_sphere
+    from backend.render.camera import OrbitSpec
+    from backend.render.integral_noise import surface_points
+    from backend.render.ops import RasterContext
+    from backend.render.shading import rasterize_views, render_normals
+
+    positions, faces, _ = uv_sphere(48, 24, radius=0.5)
+    cams = OrbitSpec(width=64, height=64).sample(2, torch.Generator().manual_seed(0))
+    ctx = RasterContext("cpu")
+    frags = rasterize_views(ctx, positions, faces, cams)
+    points, mask = surface_points(ctx, frags, positions, faces)
+    normals = render_normals(ctx, frags, positions, faces, torch.ones(3)).permute(0, 2, 3, 1) * 2 - 1
+    assert points.shape == (2, 64, 64, 3) and mask.shape == (2, 64, 64) and mask.float().mean() > 0.1
+    inner = mask.clone()  # away from the silhouette, where antialiasing blends in the background
+    inner[:, 1:-1, 1:-1] &= mask[:, :-2, 1:-1] & mask[:, 2:, 1:-1] & mask[:, 1:-1, :-2] & mask[:, 1:-1, 2:]
+    inner[:, [0, -1]] = False
+    inner[:, :, [0, -1]] = False
+    err = (torch.nn.functional.normalize(points[inner], dim=-1) - normals[inner]).norm(dim=-1)
+    assert float(err.mean()) < 0.05
+    noise = IntegralNoise(IntegralNoiseConfig(), torch.Generator().manual_seed(0)).sample(points, mask, (8, 8))
+    assert noise.shape == (2, 4, 8, 8) and torch.isfinite(noise).all()
