@@ -59,8 +59,9 @@ def inputs():
     return x0, t, camera
 
 
-def reference_psd(prior, reward, x0, t, camera, y, n, eps1, eps2):
-    """Algorithm 1 written out object by object, independently of ScoreDistiller."""
+def reference_psd(prior, reward, x0, t, camera, y, n, eps1, eps2, phi=0.0):
+    """Algorithm 1 written out object by object, independently of ScoreDistiller; ``phi`` > 0:
+    MVDream's CFG rescale on eps~ and the s/a (x0 reconstruction) weighting."""
     a, s = prior.alpha_sigma(t)
     out, rw, rl, betas = [], [], [], []
     for g in range(OBJECTS):
@@ -73,11 +74,17 @@ def reference_psd(prior, reward, x0, t, camera, y, n, eps1, eps2):
             e_n = prior.predict_eps(x, t[rows], n.expand(VIEWS, -1, -1), cam)
             guided = e_n + GAMMA * (e_y - e_n)
             x0hat = (x - s[rows] * guided) / a[rows]
-            per.append(dict(eps=eps, e_y=e_y, e_n=e_n, guided=guided, r=float(reward.score(x0hat, None).mean())))
+            r = float(reward.score(x0hat, None).mean())
+            if phi > 0:
+                x0_text = (x - s[rows] * e_y) / a[rows]
+                x0hat = phi * x0hat * x0_text.std() / x0hat.std() + (1 - phi) * x0hat
+                guided = (x - a[rows] * x0hat) / s[rows]
+            per.append(dict(eps=eps, e_y=e_y, e_n=e_n, guided=guided, r=r))
         w, l = (per[0], per[1]) if per[0]["r"] >= per[1]["r"] else (per[1], per[0])
-        d_gen, d_cls, d_pref = w["e_n"] - w["eps"], w["e_y"] - w["e_n"], w["guided"] - l["guided"]
+        d_cls, d_pref = w["e_y"] - w["e_n"], w["guided"] - l["guided"]
         beta = GAMMA * d_cls.norm() / d_pref.norm() * torch.sigmoid(torch.tensor(l["r"] - w["r"]))
-        out.append(s[rows] ** 2 * (d_gen + GAMMA * d_cls + beta * d_pref))
+        weight = s[rows] / a[rows] if phi > 0 else s[rows] ** 2
+        out.append(weight * (w["guided"] - w["eps"] + beta * d_pref))
         rw.append(w["r"]), rl.append(l["r"]), betas.append(float(beta))
     return torch.cat(out), torch.tensor(rw), torch.tensor(rl), torch.tensor(betas)
 
@@ -133,3 +140,54 @@ def test_dreamdpo_and_sds_run_on_views():
         x0, t, camera = inputs()
         out = d.step(x0, t, step=0, camera=camera)
         assert out.grad.shape == x0.shape and torch.isfinite(out.grad).all()
+
+
+def test_mvdream_cfg_rescale_gives_its_x0_reconstruction_gradient():
+    """With Weighting.RECON and cfg_rescale 0.5 an SDS step is MVDream-threestudio's recon loss gradient:
+    x0 - (0.5 * x0_cfg * std(x0_text) / std(x0_cfg) + 0.5 * x0_cfg), the stds over each object's views."""
+    from backend.psd.guidance import Weighting, rescaled_cfg
+
+    prior = StubMultiViewPrior()
+    y, n = torch.full((1, 2, 3), 0.2), torch.full((1, 2, 3), -0.1)
+    d = ScoreDistiller(prior, StubReward(), None, y, NegativeEmbedding(n, NegativeConfig(lr=0.0)),
+                       GuidanceConfig(method=Method.SDS, guidance_scale=GAMMA, weighting=Weighting.RECON, cfg_rescale=0.5),
+                       torch.Generator().manual_seed(5), views=VIEWS)
+    x0, t, camera = inputs()
+    out = d.step(x0, t, step=0, camera=camera)
+
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    a, s = prior.alpha_sigma(t)
+    x_t = a * x0 + s * eps
+    text = prior.predict_eps(x_t, t, y.expand(len(x_t), -1, -1), camera)
+    uncond = prior.predict_eps(x_t, t, n.expand(len(x_t), -1, -1), camera)
+    x0_cfg = (x_t - s * (uncond + GAMMA * (text - uncond))) / a
+    x0_text = (x_t - s * text) / a
+    shape = (OBJECTS, VIEWS, *x0.shape[1:])
+    factor = (x0_text.view(shape).std(dim=[1, 2, 3, 4], keepdim=True) + 1e-8) / (x0_cfg.view(shape).std(dim=[1, 2, 3, 4], keepdim=True) + 1e-8)
+    x0_adj = 0.5 * (x0_cfg.view(shape) * factor).view(x0.shape) + 0.5 * x0_cfg
+    torch.testing.assert_close(out.grad, x0 - x0_adj, rtol=1e-4, atol=1e-5)
+    # phi = 0 is Eq. 3's eps~ unchanged
+    guided = uncond + GAMMA * (text - uncond)
+    torch.testing.assert_close(rescaled_cfg(guided, text, x_t, a, s, VIEWS, 0.0), guided, rtol=1e-5, atol=1e-5)
+
+
+def test_psd_with_the_rescale_moves_only_eps_tilde():
+    """PSD's direction with the rescale is (eps~' - eps) + beta_r (eps~'_w - eps~'_l), eps~' the rescaled CFG."""
+    from backend.psd.guidance import Weighting
+
+    base = dict(method=Method.PSD, guidance_scale=GAMMA, weighting=Weighting.RECON, reuse_winner_forward=False)
+    outs = {}
+    for phi in (0.0, 0.5):
+        d = make()
+        d.config = GuidanceConfig(**base, cfg_rescale=phi)
+        x0, t, camera = inputs()
+        outs[phi] = d.step(x0, t, step=0, camera=camera)
+    assert torch.equal(outs[0.0].reward_w, outs[0.5].reward_w)  # ranking is untouched
+    assert not torch.allclose(outs[0.0].grad, outs[0.5].grad)
+    x0, t, camera = inputs()
+    gen = torch.Generator().manual_seed(5)
+    eps1, eps2 = torch.randn(x0.shape, generator=gen), torch.randn(x0.shape, generator=gen)
+    ref_grad, rw, _, betas = reference_psd(StubMultiViewPrior(), StubReward(), x0, t, camera, torch.full((1, 2, 3), 0.2),
+                                           torch.full((1, 2, 3), -0.1), eps1, eps2, phi=0.5)
+    torch.testing.assert_close(outs[0.5].beta_r, betas.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(outs[0.5].grad, ref_grad, rtol=1e-4, atol=1e-5)

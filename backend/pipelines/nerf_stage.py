@@ -64,9 +64,9 @@ class NerfSettings:
     # data.*_range, n_view; a single-view prior takes an OrbitSpec
     cameras: MultiViewOrbit | OrbitSpec = field(default_factory=MultiViewOrbit)
     # guidance.guidance_scale: 50 in threestudio's form is gamma = 51 here; recon_loss: true is the
-    # s/a weighting (guidance.Weighting.RECON); PSD by default (appendix F.1)
+    # s/a weighting (guidance.Weighting.RECON) with recon_std_rescale: 0.5; PSD by default (appendix F.1)
     guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(
-        method=Method.PSD, guidance_scale=51.0, weighting=Weighting.RECON))
+        method=Method.PSD, guidance_scale=51.0, weighting=Weighting.RECON, cfg_rescale=0.5))
     schedule: RandomAnnealedSchedule | LinearAnnealSchedule = MVDREAM_SCHEDULE  # guidance.min/max_step_percent
     negative: NegativeConfig = field(default_factory=lambda: NegativeConfig(lr=1e-4))  # appendix F.1: 1e-4, constant
     nerf: NerfConfig = field(default_factory=NerfConfig)  # system.geometry

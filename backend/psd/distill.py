@@ -77,6 +77,9 @@ class GuidanceConfig:
     # line 7, Eq. 13). None: ``guidance_scale``, as Algorithm 1. At a large gamma x0 is far off
     # the latent manifold (docs/paper-deviations.md, "reward on x0").
     reward_guidance_scale: float | None = None
+    # phi of MVDream's CFG rescale (``recon_std_rescale``, guidance.rescaled_cfg): 0 leaves eps~ as
+    # Eq. 3 gives it; the single stage on MVDream takes its config's 0.5
+    cfg_rescale: float = 0.0
 
     @property
     def reward_gamma(self) -> float:
@@ -197,7 +200,7 @@ class ScoreDistiller:
 
         if not self.is_pair_step(step):  # plain SDS, Eq. 14
             first.eps_y, first.eps_n = self._eps([first.x, first.x], t, [y, n], camera)
-            guided = first.guided(cfg.guidance_scale)
+            guided = self._guided(first, a, s)
             grad = G.step_weight(cfg.weighting, s, guided, first.eps) * G.sds_direction(guided, first.eps)
             return StepOutput(grad=grad, t=t, pair=False)
 
@@ -212,7 +215,7 @@ class ScoreDistiller:
                 [first.x, second.x, first.x, second.x], t, [y, y, n, n], camera)
             self._rank(first, second, a, s)
         w, l = winner_and_loser(first, second, self.views)  # noqa: E741
-        guided_w, guided_l = w.guided(cfg.guidance_scale), l.guided(cfg.guidance_scale)
+        guided_w, guided_l = self._guided(w, a, s), self._guided(l, a, s)
 
         beta = None
         if cfg.method is Method.DREAMDPO:
@@ -226,6 +229,8 @@ class ScoreDistiller:
             if not cfg.preference_guidance:
                 beta = torch.zeros_like(beta)
             direction = G.psd_direction(d_gen, d_cls, d_pref, cfg.guidance_scale, beta.repeat_interleave(self.views))
+            if cfg.cfg_rescale > 0:  # d_gen + gamma d_cls is eps~ - eps: the rescale moves eps~
+                direction = direction + (guided_w - w.guided(cfg.guidance_scale))
         grad = G.step_weight(cfg.weighting, s, guided_w, w.eps) * direction
         if not torch.isfinite(grad).all():
             raise NumericalError(f"step {step}: the guidance holds NaN or inf (t={t.tolist()})")
@@ -235,6 +240,13 @@ class ScoreDistiller:
                                          cfg.reward_gamma, vars(cfg.decode), step, camera=camera)
         return StepOutput(grad=grad, t=t, pair=True, reward_w=w.reward, reward_l=l.reward, beta_r=beta,
                           negative_reward=neg_r)
+
+    def _guided(self, noising: Noising, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """eps~ of the guidance (Eq. 3), through MVDream's CFG rescale when the config asks for it."""
+        guided = noising.guided(self.config.guidance_scale)
+        if self.config.cfg_rescale > 0:
+            guided = G.rescaled_cfg(guided, noising.eps_y, noising.x, a, s, self.views, self.config.cfg_rescale)
+        return guided
 
     @staticmethod
     def _noising(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> Noising:

@@ -58,6 +58,20 @@ def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma:
     return (x_t - sigma * eps) / alpha
 
 
+def rescaled_cfg(eps_cfg: torch.Tensor, eps_y: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor,
+                 sigma: torch.Tensor, views: int, phi: float) -> torch.Tensor:
+    """MVDream's CFG rescale (MVDream-threestudio multiview_diffusion_guidance.py, ``recon_std_rescale``;
+    Lin et al. 2024's rescale in x0 form): the one-step prediction of eps~ is scaled by
+    ``std(x0(eps(y))) / std(x0(eps~))`` over each object's ``views`` (unbiased std, +1e-8), blended with
+    the unscaled one by ``phi``; returned as the eps that predicts that x0 (Tweedie inverted)."""
+    x0_cfg = tweedie_x0(x_t, eps_cfg, alpha, sigma)
+    x0_y = tweedie_x0(x_t, eps_y, alpha, sigma)
+    objects = x_t.shape[0] // views
+    factor = (x0_y.reshape(objects, -1).std(dim=1) + 1e-8) / (x0_cfg.reshape(objects, -1).std(dim=1) + 1e-8)
+    x0 = phi * x0_cfg * per_sample(factor.repeat_interleave(views)) + (1 - phi) * x0_cfg
+    return (x_t - alpha * x0) / sigma
+
+
 def winner_mask(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     """True where sample 1 wins (Alg. 1 line 7: the higher reward of x0 is the winner); ties go to 1."""
     return r1 >= r2
