@@ -37,3 +37,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def stop_after():
+    """A factory of ``should_stop`` callables that say stop from their (n+1)-th poll: a Stop & Keep
+    that lands after n optimisation steps of a pipeline."""
+    def make(n_polls: int):
+        count = {"n": 0}
+
+        def should_stop():
+            count["n"] += 1
+            return count["n"] > n_polls
+        return should_stop
+    return make

@@ -66,17 +66,11 @@ def test_refine_unwraps_a_mesh_without_uvs(tmp_path, tiny, asymmetric_glb):
     assert json.loads((tmp_path / "unwrap.json").read_text())["faces_out"] > 0
 
 
-def test_resume_gives_the_same_texture(tmp_path, tiny, asymmetric_glb):
+def test_resume_gives_the_same_texture(tmp_path, tiny, asymmetric_glb, stop_after):
     spec = RefineSpec(mesh=str(asymmetric_glb / "asym.glb"), prompt="a rugby ball", steps=8, seed=3)
     done = list(run_refine(spec, tmp_path / "straight", models=tiny))[-1]
     assert isinstance(done, Done)
-    count = {"n": 0}
-
-    def stop_after_six():
-        count["n"] += 1
-        return count["n"] > 6
-
-    partial = list(run_refine(spec, tmp_path / "resumed", models=tiny, should_stop=stop_after_six))
+    partial = list(run_refine(spec, tmp_path / "resumed", models=tiny, should_stop=stop_after(6)))
     assert not any(isinstance(e, Progress) and e.step > 6 for e in partial)
     resumed = list(run_refine(spec, tmp_path / "resumed", models=tiny, resume=True))
     steps = [e.step for e in resumed if isinstance(e, Progress)]
@@ -99,20 +93,11 @@ def test_generate_streams_mesh_then_texture_and_writes_a_textured_glb(tmp_path, 
     assert np.all(np.abs(geom.bounds) < 1.0)  # the unit frame when no init mesh is given
 
 
-def _stop_after(n_polls: int):
-    count = {"n": 0}
-
-    def should_stop():
-        count["n"] += 1
-        return count["n"] > n_polls
-    return should_stop
-
-
 @pytest.mark.parametrize("polls", [2, 6], ids=["in-geometry", "in-texture"])
-def test_stop_and_keep_streams_exactly_the_kept_result(tmp_path, tiny, polls):
+def test_stop_and_keep_streams_exactly_the_kept_result(tmp_path, tiny, polls, stop_after):
     """Stopped in any stage, the last mesh and texture snapshots are out.glb (no black prop, nothing behind)."""
     events = list(run_generate(GenerateSpec(prompt="a teapot", steps=4, seed=1), tmp_path, models=tiny,
-                               should_stop=_stop_after(polls)))
+                               should_stop=stop_after(polls)))
     assert isinstance(events[-1], Done), events[-1]
     last_mesh = max(i for i, e in enumerate(events) if isinstance(e, MeshSnapshot))
     last_texture = max(i for i, e in enumerate(events) if isinstance(e, TextureSnapshot))
@@ -214,17 +199,12 @@ def test_pickscore_as_the_target_reward(tmp_path, tiny, asymmetric_glb):
     assert isinstance(bad[0], Failed) and bad[0].field == "reward"
 
 
-def test_generate_resume_matches_an_uninterrupted_run(tmp_path, tiny):
+def test_generate_resume_matches_an_uninterrupted_run(tmp_path, tiny, stop_after):
     spec = GenerateSpec(prompt="a mug", steps=6, seed=2)
     straight = list(run_generate(spec, tmp_path / "a", models=tiny))[-1]
     assert isinstance(straight, Done)
-    calls = {"n": 0}
-
-    def stop():  # stop in the texture stage, after its checkpoint at step 4
-        calls["n"] += 1
-        return calls["n"] > 6 + 5
-
-    list(run_generate(spec, tmp_path / "b", models=tiny, should_stop=stop))
+    # stop in the texture stage, after its checkpoint at step 4 (6 geometry steps, then 5 texture steps)
+    list(run_generate(spec, tmp_path / "b", models=tiny, should_stop=stop_after(6 + 5)))
     resumed = list(run_generate(spec, tmp_path / "b", models=tiny, resume=True))
     assert [e.step for e in resumed if isinstance(e, Progress)] == [5, 6]  # geometry done, texture from step 4
     assert np.array_equal(load_mesh(tmp_path / "a" / "out.glb").texture, load_mesh(tmp_path / "b" / "out.glb").texture)

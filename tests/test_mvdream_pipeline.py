@@ -16,15 +16,6 @@ from backend.pipelines.nerf_stage import SD_NERF_STAGE2, NerfSettings
 from backend.presets import PRESETS
 
 
-def _stop_after(n_polls: int):
-    count = {"n": 0}
-
-    def should_stop():
-        count["n"] += 1
-        return count["n"] > n_polls
-    return should_stop
-
-
 @pytest.mark.parametrize("method", ["psd", "sds", "dreamdpo"])
 def test_single_stage_streams_meshes_and_ends_in_a_textured_glb(tmp_path, tiny, method):
     steps = 4 if method == "psd" else 2
@@ -51,21 +42,21 @@ def test_single_stage_streams_meshes_and_ends_in_a_textured_glb(tmp_path, tiny, 
     assert spec["recipe"] == "mvdream" and spec["guidance"]["guidance_scale"] == 51.0
 
 
-def test_stop_and_keep_gives_a_textured_mesh(tmp_path, tiny):
+def test_stop_and_keep_gives_a_textured_mesh(tmp_path, tiny, stop_after):
     events = list(run_generate(GenerateSpec(prompt="a lamp", recipe="mvdream", steps=6, seed=1), tmp_path, models=tiny,
-                               should_stop=_stop_after(2)))
+                               should_stop=stop_after(2)))
     assert isinstance(events[-1], Done), events[-1]
     assert events[-1].final["steps_done"] == 2
     out = load_mesh(tmp_path / "out.glb")
     assert out.texture is not None and out.uvs is not None
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, tiny):
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny, stop_after):
     spec = GenerateSpec(prompt="a mug", recipe="mvdream", steps=6, seed=2)
     straight = list(run_generate(spec, tmp_path / "a", models=tiny))[-1]
     assert isinstance(straight, Done)
     # stopped after step 3 (before the periodic checkpoint at 4): the stage saves its state when it stops
-    list(run_generate(spec, tmp_path / "b", models=tiny, should_stop=_stop_after(3)))
+    list(run_generate(spec, tmp_path / "b", models=tiny, should_stop=stop_after(3)))
     resumed = list(run_generate(spec, tmp_path / "b", models=tiny, resume=True))
     assert [e.step for e in resumed if isinstance(e, Progress)] == [4, 5, 6]
     a, b = load_mesh(tmp_path / "a" / "out.glb"), load_mesh(tmp_path / "b" / "out.glb")
@@ -104,9 +95,9 @@ def test_three_stage_pipeline_runs_nerf_then_dmtet_then_texture(tmp_path, tiny):
     assert spec["recipe"] == "mvdream-dmtet"
 
 
-def test_stop_in_the_coarse_stage_of_three_keeps_the_baked_nerf(tmp_path, tiny):
+def test_stop_in_the_coarse_stage_of_three_keeps_the_baked_nerf(tmp_path, tiny, stop_after):
     events = list(run_generate(GenerateSpec(prompt="a teapot", recipe="mvdream-dmtet", steps=4, seed=4), tmp_path,
-                               models=tiny, should_stop=_stop_after(2)))
+                               models=tiny, should_stop=stop_after(2)))
     assert isinstance(events[-1], Done), events[-1]
     assert {e.stage for e in events if isinstance(e, Progress)} == {"nerf"}
     assert load_mesh(tmp_path / "out.glb").texture is not None
