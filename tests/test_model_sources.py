@@ -128,3 +128,20 @@ def test_a_local_folder_wins_and_locate_reports_it(home, tmp_path):
                                                           model_config=str(twins / "hps" / f"{TINY_CLIP_ARCH}.json"))),
                          device=torch.device("cpu"), dtype=torch.float32)
     assert isinstance(models, LoadedModels) and models.prior.tiny_decoder is None
+
+
+def test_a_tokenizer_folder_without_a_length_reads_what_the_encoder_reads(tmp_path):
+    """Some mirrors' tokenizer_config.json name no model_max_length (transformers then says 1e30):
+    the prompt check, the padding and hello's ``prompt_tokens`` must still see 77."""
+    from backend.psd.prior import load_prior_parts, load_tokenizer
+
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_root() / "sd", folder)
+    config = folder / "tokenizer" / "tokenizer_config.json"
+    fields = json.loads(config.read_text())
+    fields.pop("model_max_length")
+    config.write_text(json.dumps(fields))
+    source = PriorSource(model=str(folder), tiny_decoder=None)
+    assert load_tokenizer(source).model_max_length == 77
+    parts = load_prior_parts(source, with_unet=False)
+    assert parts.tokenizer.model_max_length == parts.text_encoder.config.max_position_embeddings == 77

@@ -59,6 +59,19 @@ def test_submit_watch_result_end_to_end(server, tmp_path):
         assert pngs and pngs[-1].image.shape == (128, 128, 4) and pngs[-1].image.dtype == np.uint8
 
 
+def test_a_reply_that_cannot_be_encoded_is_answered_and_the_loop_lives(server, monkeypatch):
+    """A bug that puts an unsendable value in a reply (CI once saw a tokenizer's 1e30 length in
+    hello) gets an ``internal`` error, not a dead serve loop and a client left waiting."""
+    real = server.worker_health
+    monkeypatch.setattr(server, "worker_health", lambda: {**real(), "free_bytes": 10**30})
+    with Client(server.endpoint, timeout=10) as client:
+        with pytest.raises(ServerError) as err:
+            client.hello()
+        assert err.value.code == "internal" and "OverflowError" in str(err.value)
+        monkeypatch.setattr(server, "worker_health", real)
+        assert client.hello()["protocol"] == 1
+
+
 def test_bad_requests_get_named_errors_and_the_server_keeps_serving(server):
     with Client(server.endpoint, timeout=5) as client:
         with pytest.raises(ServerError) as err:

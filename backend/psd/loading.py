@@ -189,3 +189,18 @@ def file_path(location: str, local_only: bool) -> str:
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(*file_source, local_files_only=local_only)
+
+
+# The tokens a CLIP text encoder reads: its position table (``max_position_embeddings`` in SD 2.1's
+# text_encoder/config.json, and in every CLIP text tower the priors and rewards use).
+CLIP_CONTEXT = 77
+
+
+def bound_tokens(tokenizer, context: int = CLIP_CONTEXT):
+    """``tokenizer`` with ``model_max_length`` no larger than the text encoder reads. transformers sets
+    it to ``VERY_LARGE_INTEGER`` (1e30) when a folder's tokenizer_config.json does not name it (some
+    mirrors and converted folders): prompts would pass unchecked, padding to "max_length" would fail,
+    and the number could not go over the wire."""
+    if tokenizer.model_max_length > context:
+        tokenizer.model_max_length = context
+    return tokenizer

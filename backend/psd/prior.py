@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from protocol.errors import InvalidInputError, require
-from backend.psd.loading import Layout, load_or_explain
+from backend.psd.loading import Layout, bound_tokens, load_or_explain
 
 # Stability AI withdrew stabilityai/stable-diffusion-2-1-base from the hub in November 2025
 # (diffusers #12874); sd2-community keeps an unofficial mirror of the same weights.
@@ -132,7 +132,8 @@ def load_tokenizer(source: PriorSource):
     from transformers import CLIPTokenizer
 
     return load_or_explain("diffusion prior's tokenizer", source.model, "preset.prior",
-                           lambda loc, lo: CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", local_files_only=lo),
+                           lambda loc, lo: bound_tokens(CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer",
+                                                                                      local_files_only=lo)),
                            Layout.DIFFUSERS_PIPELINE)
 
 
@@ -159,7 +160,8 @@ def load_prior_parts(source: PriorSource, dtype: torch.dtype = torch.float32, wi
                 if with_unet else None)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=dtype, **kw)
         text = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", torch_dtype=dtype, **kw)
-        tok = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw)
+        tok = bound_tokens(CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw),
+                           text.config.max_position_embeddings)
         sched = DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kw)
         return unet, vae, text, tok, sched
 

@@ -20,7 +20,7 @@ from typing import Protocol, Union
 import torch
 import torch.nn.functional as F
 
-from backend.psd.loading import Layout, file_path, load_or_explain
+from backend.psd.loading import Layout, bound_tokens, file_path, load_or_explain
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,6 +156,7 @@ class PickScoreReward:
                              CLIPImageProcessor.from_pretrained(loc, local_files_only=lo)),
             Layout.PROCESSOR,
         )
+        bound_tokens(tok, model.config.text_config.max_position_embeddings)
         crop = proc.crop_size
         crop = int(crop["height"] if isinstance(crop, dict) else getattr(crop, "height", crop))
         return cls(model.to(device), tok, crop, proc.image_mean, proc.image_std)

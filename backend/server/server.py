@@ -148,7 +148,14 @@ class Server:
     # -- sending ---------------------------------------------------------------------------
     def _send(self, peer: bytes, message: Message) -> bool:
         try:
-            self.socket.send_multipart([peer, *encode(message)], flags=zmq.NOBLOCK, copy=False)
+            frames = encode(message)
+        except (TypeError, ValueError, OverflowError) as exc:  # a bug: the loop must not die of it
+            if message.type not in ("ok", "error"):
+                self.dropped += 1
+                return False
+            frames = encode(error_reply(message.id, exc))  # the request still gets its answer
+        try:
+            self.socket.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:  # the peer's queue is full: drop (see the module docstring)
             self.dropped += 1
