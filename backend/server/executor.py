@@ -80,8 +80,12 @@ class LocalExecutor:
 
     def health(self) -> dict:
         """The worker as ``hello`` and ``ping`` report it."""
-        return {"alive": self._thread.is_alive(), "errors": self.errors, "last_error": self.last_error,
-                "min_free_bytes": MIN_FREE_BYTES}
+        return {"executor": "local", "alive": self._thread.is_alive(), "errors": self.errors,
+                "last_error": self.last_error, "min_free_bytes": MIN_FREE_BYTES}
+
+    def worker_of(self, job_id: str) -> str | None:
+        """The worker running ``job_id`` (what ``status`` shows), None when it is not running here."""
+        return "local" if self.current == job_id else None
 
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job that has not started, with its terminal event; False when it is no longer queued."""

@@ -19,6 +19,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -100,7 +101,9 @@ def check_libzmq() -> None:
 
 class Server:
     def __init__(self, data_dir: str | Path, bind: str = DEFAULT_BIND, presets: tuple[str, ...] = (),
-                 keys: str | Path | None = None) -> None:
+                 keys: str | Path | None = None, executor: "Callable[[JobStore, queue.Queue], object] | None" = None) -> None:
+        """``executor`` builds the job runner from the store and the outbox it publishes (job id,
+        Message) pairs on; default :class:`LocalExecutor` (one worker thread in this process)."""
         check_libzmq()
         check_bind(bind, Path(keys) if keys else None)
         self.data_lock = DataLock(data_dir)  # one server per data folder, for this server's life
@@ -132,7 +135,7 @@ class Server:
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.outbox: queue.Queue = queue.Queue()
-        self.executor = LocalExecutor(self.store, self.outbox)
+        self.executor = (executor or LocalExecutor)(self.store, self.outbox)
         self.subscribers: dict[str, set[bytes]] = {}
         self.latest = LatestSnapshots(self.store)
         self.dropped = 0
@@ -365,7 +368,8 @@ class Server:
                                             field=f"spec.{name}")
 
     def on_status(self, peer, msg):
-        return ok(msg, self.store.get(msg.body.get("job")).to_dict())
+        row = self.store.get(msg.body.get("job"))
+        return ok(msg, {**row.to_dict(), "worker": self.executor.worker_of(row.id)})
 
     def on_list(self, peer, msg):
         """A page of jobs, newest first: ``offset`` (default 0) and ``limit`` (1..LIST_LIMIT, default
