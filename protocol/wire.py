@@ -27,7 +27,7 @@ MAX_HEADER_BYTES = 1 << 20  # 1 MiB of msgpack header
 MAX_FRAME_BYTES = 256 << 20  # one array frame
 MAX_MESSAGE_BYTES = 512 << 20  # the whole message; also ZMQ_MAXMSGSIZE on every socket
 MAX_ARRAYS = 16
-MAX_ARRAY_ELEMENTS = 1 << 26  # 67M elements
+MAX_ARRAY_ELEMENTS = 1 << 28  # 268M: an 8192² RGBA texture (messages.MAX_TEXTURE_SIDE), = MAX_FRAME_BYTES of uint8
 MAX_NDIM = 4
 MAX_ID_CHARS = 128
 DTYPES = ("uint8", "int32", "uint32", "int64", "float16", "float32", "float64")
