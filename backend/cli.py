@@ -83,7 +83,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     presets = tuple(args.preset) if args.preset else tuple(PRESETS)
-    server = Server(args.data, bind=args.bind, presets=presets, keys=args.keys)
+    executor = None
+    if args.executor == "ray":  # Ray is imported only here: a plain serve never loads it
+        from functools import partial
+
+        from backend.server.ray_executor import RayConfig, RayExecutor
+
+        executor = partial(RayExecutor, config=RayConfig(address=args.ray_address, workers=args.ray_workers))
+    server = Server(args.data, bind=args.bind, presets=presets, keys=args.keys, executor=executor)
     print(f"psd3d serve: listening on {server.endpoint}, data in {args.data}, presets {', '.join(presets)} "
           f"(Ctrl-C stops; running jobs resume on the next start)", file=sys.stderr)
     try:
@@ -310,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data", type=Path, default=Path.home() / ".local" / "share" / "psd3d", help="job store folder")
     sv.add_argument("--preset", action="append", choices=list(PRESETS), help="offer only these presets (repeatable)")
     sv.add_argument("--keys", type=Path, default=None, help="CURVE folder: server.key_secret and clients/*.key")
+    sv.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: one worker in this process; ray: one actor per GPU of a Ray cluster (README 'Several GPUs')")
+    sv.add_argument("--ray-address", default=None,
+                    help="with --executor ray: 'auto' or HOST:PORT of a running cluster (default: a local Ray of its own)")
+    sv.add_argument("--ray-workers", type=int, default=None, help="with --executor ray: actors (default: one per GPU)")
     sv.set_defaults(run=_serve)
 
     def server_arg(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
 from protocol.messages import SPECS, event_to_message
@@ -46,11 +46,88 @@ def _error(failed: Failed) -> dict:
     return {"code": failed.code, "message": failed.message, "field": failed.field}
 
 
+class JobEvents:
+    """The one owner of how a job's event stream becomes its stored history, whichever executor runs it:
+    exactly-once events (``progress``, ``done``, ``failed``) get the next sequence number in the store and
+    then go on ``outbox``; snapshots coalesce (published with the last exactly-once ``seq``, written as the
+    job's latest of their kind); a terminal state and its event are one transaction; nothing follows it.
+    The serve process is the only writer: a remote worker ships its events back and this writes them."""
+
+    def __init__(self, store: JobStore, outbox: "queue.Queue", wake: Callable[[], None] = lambda: None) -> None:
+        self.store, self.outbox, self.wake = store, outbox, wake
+
+    def end(self, job_id: str, state: str, event, before: tuple[str, ...] | None = None, **fields) -> bool:
+        """The job's terminal state and event in one transaction, then published; False when it was not
+        in one of the ``before`` states."""
+        seq = self.store.end(job_id, state, event_to_message(job_id, 0, event).body, before, **fields)
+        if seq is None:
+            return False
+        self.publish(job_id, seq, event)
+        return True
+
+    def fail(self, job_id: str, reason: Failed, before: tuple[str, ...] | None = None, state: str = "failed") -> bool:
+        return self.end(job_id, state, reason, before=before, error=_error(reason))
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancel a job that has not started, with its terminal event; False when it is no longer queued."""
+        return self.fail(job_id, Failed("cancelled", "cancelled before it started"), ("queued",), "cancelled")
+
+    def publish(self, job_id: str, seq: int, event) -> None:
+        self.outbox.put((job_id, event_to_message(job_id, seq, event)))
+        self.wake()
+
+    def emit_once(self, job_id: str, event) -> None:
+        seq = self.store.append_event(job_id, event_to_message(job_id, 0, event).body)
+        self.publish(job_id, seq, event)
+
+    def drive(self, job_id: str, events: Iterator, cancelled: Callable[[], bool], stopping: Callable[[], bool]) -> str:
+        """Store and publish a running job's events until it ends; returns how it ended: ``ended`` (its own
+        ``done`` or ``failed``), ``cancelled``, ``requeued`` (shut down mid-job: it resumes on the next start)
+        or ``incomplete`` (a stream that stopped without a result: failed as ``internal``). An exception
+        from ``events`` (a worker that died) propagates with nothing written for the job's end."""
+        snapshot_seq = self.store.last_seq(job_id)
+        ended = False  # the terminal event was emitted: nothing may follow it
+        try:
+            for event in events:
+                if ended:
+                    continue  # nothing follows a job's terminal event
+                if cancelled() or (stopping() and isinstance(event, Done)):
+                    break  # a cancelled or shut-down job's partial result is not its result
+                if isinstance(event, (ImageSnapshot, TextureSnapshot, MeshSnapshot)):
+                    self.publish(job_id, snapshot_seq, event)  # coalescing: carries the last exactly-once seq
+                    save_latest(self.store.folder(job_id), event)
+                    continue
+                if isinstance(event, Progress):
+                    self.store.set_progress(job_id, event.step, event.total)
+                if isinstance(event, Done):
+                    self.end(job_id, "done", event, final=event.final)
+                elif isinstance(event, Failed):
+                    self.end(job_id, "failed", event, error=_error(event))
+                else:
+                    self.emit_once(job_id, event)
+                snapshot_seq = self.store.last_seq(job_id)
+                ended = isinstance(event, (Done, Failed))
+        finally:
+            events.close()
+        if ended:
+            return "ended"  # a cancel or finish that came as the job ended changes nothing
+        if cancelled():
+            self.fail(job_id, Failed("cancelled", "cancelled by the user"), state="cancelled")
+            return "cancelled"
+        if stopping():
+            self.store.set_state(job_id, "queued", resume=1)  # shut down mid-job: resume on the next start
+            return "requeued"
+        # a pipeline that stopped without saying how it ended: a bug, but the job still ends once
+        self.fail(job_id, Failed("internal", "the pipeline ended without a result"))
+        return "incomplete"
+
+
 class LocalExecutor:
     """Runs jobs from the store; publishes (job id, Message) pairs on ``outbox`` for the server."""
 
     def __init__(self, store: JobStore, outbox: "queue.Queue", wake: Callable[[], None] = lambda: None) -> None:
         self.store, self.outbox, self.wake = store, outbox, wake
+        self.jobs = JobEvents(store, outbox, wake)
         self._stop = threading.Event()
         self._new_work = threading.Event()
         self._cancel: set[str] = set()
@@ -89,21 +166,7 @@ class LocalExecutor:
 
     def cancel_queued(self, job_id: str) -> bool:
         """Cancel a job that has not started, with its terminal event; False when it is no longer queued."""
-        reason = Failed("cancelled", "cancelled before it started")
-        return self._end(job_id, "cancelled", reason, before=("queued",), error=_error(reason))
-
-    def _end(self, job_id: str, state: str, event, before: tuple[str, ...] | None = None, **fields) -> bool:
-        """The job's terminal state and event in one transaction, then published; False when it was not
-        in one of the ``before`` states."""
-        seq = self.store.end(job_id, state, event_to_message(job_id, 0, event).body, before, **fields)
-        if seq is None:
-            return False
-        self._publish(job_id, seq, event)
-        return True
-
-    def _publish(self, job_id: str, seq: int, event) -> None:
-        self.outbox.put((job_id, event_to_message(job_id, seq, event)))
-        self.wake()
+        return self.jobs.cancel_queued(job_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -138,57 +201,21 @@ class LocalExecutor:
         """Fail the jobs an error outside their pipeline hit (once it can be written)."""
         for job_id, reason in list(self._unended.items()):
             try:
-                self._end(job_id, "failed", reason, before=("running",), error=_error(reason))
+                self.jobs.fail(job_id, reason, before=("running",))
             except Exception as exc:  # still cannot write (a full disk): next turn
                 log.warning("worker: job %s stays running until its failure can be written: %s", job_id, exc)
                 self._stop.wait(1.0)
                 return
             del self._unended[job_id]
 
-    def _emit_once(self, job_id: str, event) -> None:
-        body = event_to_message(job_id, 0, event).body
-        seq = self.store.append_event(job_id, body)
-        self._publish(job_id, seq, event)
-
     def _run(self, row) -> None:
         job_id = self.current = row.id
         spec = SPECS[row.pipeline](**row.spec)
         stop = lambda: job_id in self._cancel or job_id in self._finish or self._stop.is_set()  # noqa: E731
         events = run_pipeline(row.pipeline, spec, self.store.folder(job_id), stop, row.resume)
-        snapshot_seq = self.store.last_seq(job_id)
-        ended = False  # the terminal event was emitted: nothing may follow it
         try:
-            for event in events:
-                if ended:
-                    continue  # nothing follows a job's terminal event
-                if job_id in self._cancel or (self._stop.is_set() and isinstance(event, Done)):
-                    break  # a cancelled or shut-down job's partial result is not its result
-                if isinstance(event, (ImageSnapshot, TextureSnapshot, MeshSnapshot)):
-                    self._publish(job_id, snapshot_seq, event)  # coalescing: carries the last exactly-once seq
-                    save_latest(self.store.folder(job_id), event)
-                    continue
-                if isinstance(event, Progress):
-                    self.store.set_progress(job_id, event.step, event.total)
-                if isinstance(event, Done):
-                    self._end(job_id, "done", event, final=event.final)
-                elif isinstance(event, Failed):
-                    self._end(job_id, "failed", event, error=_error(event))
-                else:
-                    self._emit_once(job_id, event)
-                snapshot_seq = self.store.last_seq(job_id)
-                ended = isinstance(event, (Done, Failed))
+            self.jobs.drive(job_id, events, lambda: job_id in self._cancel, self._stop.is_set)
         finally:
-            events.close()
             self.current = None
-        if ended:
-            pass  # a cancel or finish that came as the job ended changes nothing
-        elif job_id in self._cancel:
-            reason = Failed("cancelled", "cancelled by the user")
-            self._end(job_id, "cancelled", reason, error=_error(reason))
-        elif self._stop.is_set():
-            self.store.set_state(job_id, "queued", resume=1)  # shut down mid-job: resume on the next start
-        else:  # a pipeline that stopped without saying how it ended: a bug, but the job still ends once
-            reason = Failed("internal", "the pipeline ended without a result")
-            self._end(job_id, "failed", reason, error=_error(reason))
         self._cancel.discard(job_id)
         self._finish.discard(job_id)

@@ -1,0 +1,177 @@
+"""The Ray executor on one local Ray cluster with two fake GPUs (module-scoped: Ray starts once), tiny
+preset, real sockets: two jobs at once on two actors; an actor's process killed mid-job resumes from its
+checkpoint and ends with the uninterrupted run's result; cancel and finish; a serve restart."""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+
+from protocol.client import Client
+from protocol.events import Done, Progress
+from backend.presets import PRESETS
+from backend.server.server import Server
+
+REFINE = {"prompt": "a leather ball", "steps": 8, "seed": 5}  # tiny: a checkpoint every 4 steps
+
+
+def test_a_plain_serve_never_imports_ray():
+    code = "import sys, backend.server.server, backend.cli; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(psd3d_home):
+    # token authentication on, explicitly (Ray 2.60's default), with a token of this test's own; set before
+    # Ray is imported, which reads its configuration once
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _ray_server(data, **config):
+    from backend.server.ray_executor import RayConfig, RayExecutor
+
+    executor = partial(RayExecutor, config=RayConfig(workers=2, threads=1, **config))
+    srv = Server(data, bind="tcp://127.0.0.1:*", presets=tuple(PRESETS), executor=executor)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    return srv, thread
+
+
+@pytest.fixture()
+def ray_server(tmp_path, ray_cluster, tiny):
+    srv, thread = _ray_server(tmp_path / "data")
+    yield srv
+    srv.stop()
+    thread.join(30)
+
+
+def _ball_upload(tmp_path) -> dict:
+    from backend.geometry.mesh import Mesh, load_mesh, save_glb
+    from backend.geometry.primitives import uv_sphere
+
+    v, f, uv = uv_sphere(16, 8, radius=0.4)
+    save_glb(Mesh(v, f.long(), uv, np.full((16, 16, 4), 180, np.uint8)), tmp_path / "ball.glb")
+    ball = load_mesh(tmp_path / "ball.glb")
+    return {"positions": ball.positions.numpy(), "faces": ball.faces.numpy().astype(np.int32),
+            "uvs": ball.uvs.numpy(), "texture": ball.texture}
+
+
+def _texture(tmp_path, client, job, name):
+    from backend.geometry.mesh import load_mesh
+
+    _, files = client.result(job)
+    (tmp_path / name).write_bytes(files["out.glb"])
+    return load_mesh(tmp_path / name).texture
+
+
+def _wait(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_jobs_run_at_once_and_a_killed_worker_resumes_with_the_same_result(ray_server, tmp_path):
+    upload = _ball_upload(tmp_path)
+    store = ray_server.store
+    with Client(ray_server.endpoint, timeout=60) as client:
+        hello = client.hello()
+        assert hello["worker"]["executor"] == "ray" and hello["worker"]["gpus"] == 2
+        assert [w["name"] for w in hello["worker"]["workers"]] == ["ray-0", "ray-1"]
+        (plain,) = client.submit("refine", REFINE, mesh=upload)
+        (killed,) = client.submit("refine", REFINE, mesh=upload)
+        # both run at once, each on its own actor
+        _wait(lambda: all(client.status(j)["state"] == "running" and client.status(j)["worker"] for j in (plain, killed)))
+        workers = {client.status(j)["worker"] for j in (plain, killed)}
+        assert len(workers) == 2 and all(w.startswith("ray-") for w in workers)
+        assert {w["state"] for w in client.hello()["worker"]["workers"]} == {"busy"}
+        seen = []
+        for seq, event in client.watch(killed):
+            if isinstance(event, Progress):
+                seen.append((seq, event.step))
+                if event.step >= 6:  # past the checkpoint at step 4
+                    break
+        lane = next(lane for lane in ray_server.executor.lanes if lane.job == killed)
+        os.kill(lane.info["pid"], signal.SIGKILL)  # the actor's process, mid-job
+        rest = list(client.watch(killed, after=seen[-1][0]))
+        assert client.status(killed)["state"] == "done" and client.status(plain)["state"] == "done"
+        steps = [s for _, s in seen] + [e.step for _, e in rest if isinstance(e, Progress)]
+        resumed = steps[len(seen):]
+        assert resumed[0] <= 5 and resumed[-1] == 8 and resumed == list(range(resumed[0], 9))  # no gap past step 4
+        assert set(steps) == set(range(1, 9))
+        bodies = store.events_after(killed, 0)
+        assert [b["seq"] for b in bodies] == list(range(1, len(bodies) + 1))  # exactly once, in order
+        assert [b["kind"] for b in bodies].count("done") == 1 and bodies[-1]["kind"] == "done"
+        folder = store.folder(killed)
+        assert not list(folder.rglob(".*.tmp"))  # nothing half-written left
+        assert (folder / "checkpoints").is_dir() and (folder / "out.glb").is_file()  # the actor wrote the server's folder
+        assert np.array_equal(_texture(tmp_path, client, killed, "killed.glb"), _texture(tmp_path, client, plain, "plain.glb"))
+        # the restarted actor (max_restarts) took jobs again: a third one runs on the pool
+        (third,) = client.submit("image2d", {"prompt": "a red teapot", "steps": 2})
+        assert isinstance(list(client.watch(third))[-1][1], Done)
+
+
+def test_cancel_and_finish_stop_a_ray_worker_within_a_step(ray_server):
+    with Client(ray_server.endpoint, timeout=60) as client:
+        (cancelled,) = client.submit("image2d", {"prompt": "a lamp", "steps": 400})
+        (finished,) = client.submit("image2d", {"prompt": "a chair", "steps": 400})
+        steps = {}
+        for job, act in ((cancelled, client.cancel), (finished, client.finish)):
+            _wait(lambda: client.status(job)["step"] >= 2)
+            steps[job] = client.status(job)["step"]
+            act(job)
+        _wait(lambda: client.status(cancelled)["state"] == "cancelled" and client.status(finished)["state"] == "done",
+              timeout=30)
+        # the worker stopped within a few (tiny, ~0.1 s) steps of the request: the flag is polled every step
+        final = client.status(finished)
+        assert final["step"] <= steps[finished] + 5 and len(final["final"]) > 0
+        assert ray_server.store.get(cancelled).step <= steps[cancelled] + 5
+        # both actors are free again at once (their jobs stopped, not ran on): two new jobs run together
+        (a,) = client.submit("image2d", {"prompt": "a cup", "steps": 2})
+        (b,) = client.submit("image2d", {"prompt": "a mug", "steps": 2})
+        _wait(lambda: client.status(a)["state"] == "done" and client.status(b)["state"] == "done", timeout=30)
+        assert client.status(cancelled)["error"]["code"] == "cancelled"
+
+
+def test_a_serve_restart_redispatches_its_running_jobs(tmp_path, ray_cluster, tiny):
+    upload = _ball_upload(tmp_path)
+    srv, thread = _ray_server(tmp_path / "data")
+    try:
+        with Client(srv.endpoint, timeout=60) as client:
+            (job,) = client.submit("refine", REFINE, mesh=upload)
+            for _, event in client.watch(job):
+                if isinstance(event, Progress) and event.step >= 5:
+                    break
+    finally:
+        srv.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    srv, thread = _ray_server(tmp_path / "data")  # the same data folder: the job is re-dispatched
+    try:
+        with Client(srv.endpoint, timeout=60) as client:
+            events = list(client.watch(job))
+            assert isinstance(events[-1][1], Done) and client.status(job)["state"] == "done"
+            steps = [e.step for _, e in events if isinstance(e, Progress)]
+            assert steps[-1] == 8
+    finally:
+        srv.stop()
+        thread.join(30)
