@@ -166,3 +166,43 @@ def test_mvdream_dmtet_skips_its_coarse_stage_for_a_block_out_unless_asked(tmp_p
     with pytest.raises(InvalidInputError) as err:
         GenerateSpec(prompt="a", recipe="mvdream", init_mesh="b.glb", init_mesh_through_coarse=True).validate(tuple(PRESETS))
     assert err.value.field == "init_mesh_through_coarse"
+
+
+def test_the_sd_nerf_stage_noises_with_integral_noise_through_the_surface_it_renders(tmp_path, tiny):
+    """sd-nerf-stage2.yaml's noise_generator in the 2-stage pipeline's second stage: the first noising
+    of each step is Eq. 17's sample at the points the rays' expected depths land on; the noise key
+    comes back from the checkpoint (so a resumed stage draws the same field)."""
+    from backend.pipelines import nerf_stage as ns
+    from backend.pipelines.nerf_stage import NerfStage, volume_surface_points
+
+    settings = PRESETS["tiny"].nerf_refine
+    assert settings.integral_noise is not None and NerfSettings().integral_noise is None  # MVDream's stage: none
+    n0 = tiny.prior.encode_text(["blurry"])
+
+    def stage(seed):
+        return NerfStage(tiny, tiny.prior, "a mug", n0, settings, settings.guidance, seed, tmp_path, lambda p: p)
+
+    first = stage(4)
+    seen = {}
+    real_sample, real_step = first.noise.sample, first.distiller.step
+
+    def sample(points, mask, hw):
+        seen["points"], seen["mask"], seen["sample"] = points, mask, real_sample(points, mask, hw)
+        return seen["sample"]
+
+    def step(*args, **kwargs):
+        seen["noise"] = kwargs["noise"]
+        return real_step(*args, **kwargs)
+
+    first.noise.sample, first.distiller.step = sample, step
+    first.update(settings.steps)
+    assert seen["noise"] is not None and torch.equal(seen["noise"], seen["sample"])
+    assert seen["noise"].shape == (1, 4, 8, 8)
+    # the blob the field starts as (density_blob_std 0.5): the masked points lie near its surface
+    radius = seen["points"][seen["mask"]].norm(dim=-1)
+    assert seen["mask"].float().mean() > 0.05 and float(radius.max()) < 0.6
+
+    first.save_checkpoint()
+    second = stage(5)
+    assert second.noise.key != first.noise.key
+    assert second.load_checkpoint() and second.noise.key == first.noise.key

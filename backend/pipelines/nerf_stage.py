@@ -33,8 +33,9 @@ from backend.psd.negative import NegativeConfig, NegativeEmbedding
 from backend.psd.prior import DiffusionPrior
 from backend.psd.schedule import MVDREAM_SCHEDULE, LinearAnnealSchedule, RandomAnnealedSchedule
 from backend.render.camera import MultiViewOrbit, OrbitSpec
+from backend.render.integral_noise import IntegralNoise, IntegralNoiseConfig
 from backend.render.volume import (EnvironmentMapBackground, OccupancyGrid, VolumeRender, VolumeRenderConfig,
-                                   orientation_loss, render_volume, z_variance_loss)
+                                   camera_rays, orientation_loss, render_volume, z_variance_loss)
 
 # mvdream-sd21.yaml system.prompt_processor.negative_prompt: the negative the config conditions on
 MVDREAM_NEGATIVE_PROMPT = (
@@ -85,6 +86,9 @@ class NerfSettings:
     normal_smooth: float = 0.0  # not in mvdream-sd21.yaml (the prolificdreamer system's 2D normal smoothness)
     negative_prompt: str = MVDREAM_NEGATIVE_PROMPT  # system.prompt_processor.negative_prompt (when the job gives none)
     view_prompts: bool = False  # guidance.view_dependent_prompting: false
+    # CFD's integral noise (paper Eq. 17) for the first noising of each step; None (mvdream-sd21.yaml
+    # has no noise generator): random noise. The surface a pixel sees is its ray's expected depth.
+    integral_noise: IntegralNoiseConfig | None = None
     name: str = "nerf"  # the Progress events' stage
     texture_size: int = 1024  # ours: the baked albedo
     init_fit_steps: int = 300  # ours: Adam steps fitting the NeRF to an artist's block-out (geometry/nerf.fit_field_to_mesh)
@@ -123,9 +127,19 @@ SD_NERF_STAGE2 = NerfSettings(
     normal_smooth=1000.0 * CFD_LOSS_SCALE,  # loss.lambda_normal_smooth: 1000.
     negative_prompt=CFD_NEGATIVE_PROMPT,
     view_prompts=True,  # threestudio's default for SD prompts (front/back_threshold: 30.)
+    integral_noise=IntegralNoiseConfig(),  # noise_generator: triplane-noise-generator (peel_depth 4, 2048, background fix)
     texture_size=1024,
     name="nerf-refine",
 )
+
+
+def volume_surface_points(cameras, render: VolumeRender) -> tuple[torch.Tensor, torch.Tensor]:
+    """The world point each pixel sees: its ray at the expected depth of the surface, depth /
+    opacity (B,H,W,3); and where the pixel is mostly surface (opacity > 0.5), (B,H,W) bool."""
+    origins, dirs = camera_rays(cameras, render.depth.device)
+    opacity = render.opacity.detach()
+    depth = render.depth.detach() / opacity.clamp_min(1e-6)
+    return origins + dirs * depth, opacity[..., 0] > 0.5
 
 
 def normal_map_smoothness(render: VolumeRender) -> torch.Tensor:
@@ -170,6 +184,9 @@ class NerfStage(DistillationStage):
         y = prior.encode_text([prompt])
         self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, y, self.negative, guidance,
                                         self.generator, views=prior.num_frames if self.multiview else 1)
+        # its own generator, so the run's RNG stream is unchanged by turning the noise on
+        self.noise = None if settings.integral_noise is None else IntegralNoise(
+            settings.integral_noise, torch.Generator().manual_seed(seed))
         self.step = 0
         self.log = MetricsLog()
         self.topology_id = 0
@@ -190,7 +207,11 @@ class NerfStage(DistillationStage):
         t = s.schedule.sample(self.step, total, x_c.shape[0], self.prior.num_train_timesteps, self.generator).to(self.device)
         camera = mvdream_camera(torch.stack([c.c2w for c in cams])).to(self.device) if self.multiview else None
         y = self.views.for_cameras(cams) if self.views is not None else None
-        out = self.distiller.step(x_c, t, self.step, y=y, camera=camera)
+        noise = None
+        if self.noise is not None:
+            points, mask = volume_surface_points(cams, render)
+            noise = self.noise.sample(points, mask, tuple(x_c.shape[-2:])).to(x_c.device)
+        out = self.distiller.step(x_c, t, self.step, y=y, camera=camera, noise=noise)
         # threestudio's SDS loss is 0.5 * sum((x - target)^2) / B: its gradient is the guidance over B
         loss = distillation_loss(x_c, out.grad / x_c.shape[0])
         if orient > 0:
@@ -242,7 +263,9 @@ class NerfStage(DistillationStage):
                            "occupancy": self.occupancy.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "negative": self.negative.value.detach().cpu(),
                            "negative_optimizer": self.negative.optimizer.state_dict(),
-                           "generator": self.generator.get_state(), "metrics": self.log.steps}, self.checkpoint_path)
+                           "generator": self.generator.get_state(), "metrics": self.log.steps,
+                           "integral_noise": None if self.noise is None else self.noise.state_dict()},
+                          self.checkpoint_path)
 
     def load_checkpoint(self) -> bool:
         path = self.checkpoint_path
@@ -257,5 +280,7 @@ class NerfStage(DistillationStage):
             self.negative.value.copy_(state["negative"])
         self.negative.optimizer.load_state_dict(state["negative_optimizer"])
         self.generator.set_state(state["generator"].cpu())
+        if self.noise is not None and state.get("integral_noise") is not None:
+            self.noise.load_state_dict(state["integral_noise"])
         self.log.steps, self.step = state["metrics"], state["step"]
         return True
