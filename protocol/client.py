@@ -26,7 +26,7 @@ import zmq.auth
 from protocol.errors import Psd3dError
 from protocol.cursor import EventCursor, Verdict
 from protocol.messages import message_to_event
-from protocol.wire import MAX_MESSAGE_BYTES, Message, decode, encode
+from protocol.wire import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_MESSAGE_BYTES, Message, decode, encode
 
 
 class ServerError(Psd3dError):
@@ -60,8 +60,8 @@ def dealer_socket(ctx: zmq.Context, address: str, curve: tuple[str, str] | None)
     sock.setsockopt(zmq.LINGER, 0)  # closing drops what was not sent
     sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection: nothing waits for a later server
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # ZMTP pings: a dead server is noticed by libzmq too
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)  # ZMTP pings: a dead server is noticed by libzmq too
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     if curve is not None:
         public, secret = zmq.auth.load_certificate(curve[0])
         server_key, _ = zmq.auth.load_certificate(curve[1])

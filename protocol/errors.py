@@ -89,6 +89,13 @@ class StorageError(Psd3dError):
     code = "storage_error"
 
 
+class QueueFullError(Psd3dError):
+    """A submit that would take the queued jobs past the server's limit for its client or in total
+    (``hello.limits.queued_per_client`` / ``queued_total``); nothing was created."""
+
+    code = "queue_full"
+
+
 def require(condition: bool, field: str, reason: str) -> None:
     """Raise :class:`InvalidInputError` naming ``field`` unless ``condition`` holds."""
     if not condition:

@@ -30,6 +30,9 @@ MAX_ARRAYS = 16
 MAX_ARRAY_ELEMENTS = 1 << 28  # 268M: an 8192² RGBA texture (messages.MAX_TEXTURE_SIDE), = MAX_FRAME_BYTES of uint8
 MAX_NDIM = 4
 MAX_ID_CHARS = 128
+# ZMTP heartbeats on every socket (server and clients): a peer silent for the timeout is dropped by libzmq
+HEARTBEAT_IVL_MS = 2000
+HEARTBEAT_TIMEOUT_MS = 3 * HEARTBEAT_IVL_MS
 DTYPES = ("uint8", "int32", "uint32", "int64", "float16", "float32", "float64")
 
 
@@ -40,6 +43,13 @@ class ProtocolError(Psd3dError):
 
     code = "bad_message"
     request_id = ""
+
+
+class MessageTooLargeError(ProtocolError):
+    """A message with more frames than a header and ``MAX_ARRAYS`` arrays, or more than
+    ``MAX_MESSAGE_BYTES`` in all: refused before its frames are kept (its id is not read)."""
+
+    code = "message_too_large"
 
 
 @dataclass

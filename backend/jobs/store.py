@@ -209,6 +209,18 @@ class JobStore:
                                      (key, json.dumps(ids), batch, now))
         return ids
 
+    def queued(self, among: list[str] | None = None) -> list[str]:
+        """The ids of the queued jobs (of ``among`` only, when given): what the queue limits count."""
+        with self._lock:
+            if among is None:
+                return [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE state = 'queued'")]
+            found: list[str] = []
+            for i in range(0, len(among), 500):  # within SQLite's bound on parameters
+                part = among[i:i + 500]
+                found += [r[0] for r in self._db.execute(
+                    f"SELECT id FROM jobs WHERE state = 'queued' AND id IN ({','.join('?' * len(part))})", part)]
+            return found
+
     def submitted(self, key: str) -> tuple[list[str], str | None] | None:
         """The jobs and batch a submit with this idempotency key made, or None."""
         with self._lock:
