@@ -19,10 +19,11 @@ key (exactly once). Replies go back to the loop through :meth:`replies`, which s
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,6 +58,17 @@ def error_reply(request_id: str, exc: Exception) -> Message:
     if isinstance(exc, Psd3dError):
         return error(request_id, exc)
     return error(request_id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def write_upload(arrays: dict[str, np.ndarray], path: str) -> None:
+    """An uploaded mesh (checked by ``check_mesh_arrays``) as a GLB at ``path`` (in the writer process)."""
+    import torch
+
+    from backend.geometry.mesh import Mesh, save_glb
+
+    save_glb(Mesh(torch.from_numpy(np.array(arrays["positions"])), torch.from_numpy(arrays["faces"].astype(np.int64)),
+                  torch.from_numpy(np.array(arrays["uvs"])) if "uvs" in arrays else None,
+                  np.array(arrays["texture"]) if "texture" in arrays else None), path)
 
 
 class Tokenizers:
@@ -105,6 +117,7 @@ class Admission:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="psd3d-admission")
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._queued_by: dict[str, list[str]] = {}  # owner -> its jobs that may still be queued (admission thread only)
+        self._uploads: ProcessPoolExecutor | None = None  # writes uploaded meshes (started on the first upload)
 
     # -- on the loop -------------------------------------------------------------------------------------
     def take(self, peer: bytes, owner: str, msg: Message) -> None:
@@ -133,6 +146,8 @@ class Admission:
 
     def stop(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True, cancel_futures=True)
 
     # -- on the admission thread -------------------------------------------------------------------------
     def _run(self, sub: _Submit) -> None:
@@ -208,19 +223,20 @@ class Admission:
                 check_prompt_tokens(tokenizer, spec.negative_prompt, "spec.negative_prompt")
 
     def _store_upload(self, pipeline: str, spec_fields, arrays: dict) -> dict:
-        """Check an uploaded mesh, write it as a GLB under the data folder, and point the spec at it."""
-        import torch
-
-        from backend.geometry.mesh import Mesh, save_glb
-
+        """Check an uploaded mesh, write it as a GLB under the data folder (in the writer process:
+        the conversion holds the GIL for seconds on a large mesh, which would stall the loop), and
+        point the spec at it."""
         if not isinstance(spec_fields, dict):
             raise InvalidInputError("spec: must be a map of the pipeline's fields", field="spec")
         check_mesh_arrays(arrays)
-        mesh = Mesh(torch.from_numpy(arrays["positions"].copy()), torch.from_numpy(arrays["faces"].astype(np.int64)),
-                    torch.from_numpy(arrays["uvs"].copy()) if "uvs" in arrays else None,
-                    arrays["texture"].copy() if "texture" in arrays else None)
-        path = save_glb(mesh, self.store.root / "uploads" / f"{uuid.uuid4().hex}.glb")
+        path = self.store.root / "uploads" / f"{uuid.uuid4().hex}.glb"
+        self._writer().submit(write_upload, dict(arrays), str(path)).result()
         return {**spec_fields, UPLOADED_MESH_FIELD[pipeline]: str(path)}
+
+    def _writer(self) -> ProcessPoolExecutor:
+        if self._uploads is None:  # spawned (never forked: this process has threads and sockets)
+            self._uploads = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self._uploads
 
     def _check_files(self, spec) -> None:
         """Files a spec names must be inside the data folder (an upload, a finished job's n)."""
