@@ -37,14 +37,16 @@ def _mesh3d(args: argparse.Namespace) -> int:
     else:
         init = str(args.init_mesh) if args.init_mesh else None
         recipe = {"recipe": args.recipe} if args.recipe else {}
-        events = run_generate(GenerateSpec(init_mesh=init, init_mesh_through_coarse=args.init_mesh_through_coarse,
-                                           rasterizer=args.rasterizer, **recipe, **common), args.out, resume=args.resume)
+        spec = GenerateSpec(init_mesh=init, init_mesh_through_coarse=args.init_mesh_through_coarse,
+                            rasterizer=args.rasterizer, **recipe, **common)
+        events = run_generate(spec, args.out, resume=args.resume)
     print(f"psd3d {args.command}: {args.method} on {args.preset!r}, loading models…", file=sys.stderr)
-    return _consume(events, args.method, args.recipe or "sd-dmtet" if args.command == "generate" else None)
+    return _consume(events, args.method, spec.stages if args.command == "generate" else ())
 
 
-def _consume(events, label: str, recipe: str | None = None) -> int:
-    """Drive a pipeline's events: one progress bar per stage, then the result paths."""
+def _consume(events, label: str, stages: tuple[str, ...] = ()) -> int:
+    """Drive a pipeline's events: one progress bar per stage (named "stage k of n" from ``stages``,
+    the job's stages), then the result paths."""
     from tqdm import tqdm
 
     from protocol.events import Done, Failed, Progress
@@ -57,7 +59,7 @@ def _consume(events, label: str, recipe: str | None = None) -> int:
                 if bar is not None:
                     bar.close()
                 stage = event.stage
-                bar = tqdm(total=event.total, initial=event.step - 1, desc=f"{label} {stage_label(recipe, stage)}", unit="step")
+                bar = tqdm(total=event.total, initial=event.step - 1, desc=f"{label} {stage_label(stages, stage)}", unit="step")
             m = event.metrics
             bar.set_postfix({k: f"{m[k]:.4f}" for k in ("reward_w", "reward_current") if m.get(k) is not None})
             bar.update(1)
@@ -171,6 +173,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from protocol.specs import job_stages
+
     prompts = None
     if args.prompts_file:
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
@@ -182,13 +186,15 @@ def _submit(args: argparse.Namespace) -> int:
         for job in jobs:
             print(job)
         if args.watch and len(jobs) == 1:
-            recipe = fields.get("recipe", "sd-dmtet") if args.pipeline == "generate" else None
-            return _watch_job(client, jobs[0], recipe)
+            stages = () if args.pipeline != "generate" else job_stages(
+                fields.get("recipe"), getattr(args, "init_mesh", None) is not None,
+                bool(fields.get("init_mesh_through_coarse")))
+            return _watch_job(client, jobs[0], stages)
     return 0
 
 
-def _watch_job(client, job: str, recipe: str | None = None) -> int:
-    return _consume((event for _, event in client.watch(job)), job[:8], recipe)
+def _watch_job(client, job: str, stages: tuple[str, ...] = ()) -> int:
+    return _consume((event for _, event in client.watch(job)), job[:8], stages)
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -179,15 +179,24 @@ RECIPE_STAGES = {
 RECIPES = tuple(RECIPE_STAGES)
 
 
-def stage_position(recipe: str | None, stage: str) -> tuple[int, int] | None:
-    """(k, n): ``stage`` is stage k of the recipe's n (1-based); None when the recipe does not list it."""
-    stages = RECIPE_STAGES.get(recipe or "", ())
+def job_stages(recipe: str | None, block_out: bool = False, through_coarse: bool = False) -> tuple[str, ...]:
+    """The stages a generate job runs, in order: its recipe's (default sd-dmtet), less mvdream-dmtet's
+    coarse MVDream stage when an artist's block-out starts the DMTet directly (``block_out`` without
+    ``through_coarse``)."""
+    stages = RECIPE_STAGES.get(recipe or "sd-dmtet", ())
+    if recipe == "mvdream-dmtet" and block_out and not through_coarse:
+        return stages[1:]
+    return stages
+
+
+def stage_position(stages: tuple[str, ...], stage: str) -> tuple[int, int] | None:
+    """(k, n): ``stage`` is stage k of the job's n (1-based); None when ``stages`` does not list it."""
     return (stages.index(stage) + 1, len(stages)) if stage in stages else None
 
 
-def stage_label(recipe: str | None, stage: str) -> str:
-    """"stage 2 of 3: geometry" for a multi-stage recipe, else the stage's name."""
-    position = stage_position(recipe, stage)
+def stage_label(stages: tuple[str, ...], stage: str) -> str:
+    """"stage 2 of 3: geometry" for a multi-stage job, else the stage's name."""
+    position = stage_position(stages, stage)
     return f"stage {position[0]} of {position[1]}: {stage}" if position and position[1] > 1 else stage
 
 
@@ -212,6 +221,11 @@ class GenerateSpec(MeshJobSpec):
         if self.init_mesh_through_coarse:
             require(self.recipe == "mvdream-dmtet" and self.init_mesh is not None, "init_mesh_through_coarse",
                     "applies to an init_mesh with the mvdream-dmtet recipe (the others start their first stage from it)")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this job runs (:func:`job_stages`)."""
+        return job_stages(self.recipe, self.init_mesh is not None, self.init_mesh_through_coarse)
 
 
 MAX_BATCH = 1000

@@ -123,12 +123,19 @@ def test_sd_nerf_stage2_settings_and_the_decaying_negative_rate():
 
 
 def test_stage_labels_name_the_stage_and_its_number():
-    from protocol.specs import RECIPE_STAGES, RECIPES, stage_label, stage_position
+    from protocol.specs import RECIPE_STAGES, RECIPES, job_stages, stage_label, stage_position
 
     assert set(RECIPES) == set(RECIPE_STAGES)
-    assert stage_label("mvdream-dmtet", "geometry") == "stage 2 of 3: geometry"
-    assert stage_label("mvdream", "nerf") == "nerf" and stage_label(None, "texture") == "texture"
-    assert stage_position("sd-dmtet", "texture") == (2, 2) and stage_position("sd-dmtet", "nerf") is None
+    three = job_stages("mvdream-dmtet")
+    assert stage_label(three, "geometry") == "stage 2 of 3: geometry"
+    assert stage_label(job_stages("mvdream"), "nerf") == "nerf" and stage_label((), "texture") == "texture"
+    assert stage_position(job_stages(None), "texture") == (2, 2) and stage_position(job_stages("sd-dmtet"), "nerf") is None
+    # a block-out skips mvdream-dmtet's coarse stage: geometry is then stage 1 of 2, unless sent through it
+    skipped = GenerateSpec(prompt="a", recipe="mvdream-dmtet", init_mesh="b.glb").stages
+    assert skipped == ("geometry", "texture") and stage_label(skipped, "geometry") == "stage 1 of 2: geometry"
+    through = GenerateSpec(prompt="a", recipe="mvdream-dmtet", init_mesh="b.glb", init_mesh_through_coarse=True)
+    assert through.stages == three and GenerateSpec(prompt="a", recipe="mvdream-nerf", init_mesh="b.glb").stages == \
+        ("nerf", "nerf-refine")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +169,7 @@ def test_mvdream_dmtet_skips_its_coarse_stage_for_a_block_out_unless_asked(tmp_p
                             init_mesh_through_coarse=through)
         events = list(run_generate(spec, tmp_path / str(through), models=tiny))
         assert isinstance(events[-1], Done), events[-1]
-        assert [e.stage for e in events if isinstance(e, Progress)] == stages
+        assert [e.stage for e in events if isinstance(e, Progress)] == stages == list(spec.stages)
     with pytest.raises(InvalidInputError) as err:
         GenerateSpec(prompt="a", recipe="mvdream", init_mesh="b.glb", init_mesh_through_coarse=True).validate(tuple(PRESETS))
     assert err.value.field == "init_mesh_through_coarse"

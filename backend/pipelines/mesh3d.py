@@ -148,7 +148,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     block = _block_out(spec)
     # Table 2's 3-stage pipeline: MVDream NeRF -> DMTet geometry -> texture; a block-out skips the
     # coarse stage unless the spec sends it through
-    if spec.recipe == "mvdream-dmtet" and (block is None or spec.init_mesh_through_coarse):
+    if "nerf" in spec.stages:
         atomic_write_json(out / "spec.json", {"pipeline": "generate", "recipe": spec.recipe, "spec": spec.to_dict()})
         coarse = yield from _coarse_stage(spec, out, preset, models, n0, should_stop, resume, block)
         if should_stop():  # Stop & Keep in the coarse stage keeps the NeRF's result
