@@ -106,7 +106,10 @@ def _hello(sess: Session) -> None:
     def ok(msg: Message) -> None:
         set_offered(msg.body)
         b = msg.body
-        _set_link("ok", f"{b.get('server')} {b.get('version', '')} on {b.get('device', '?')} (protocol "
+        w = b.get("worker") or {}  # a Ray executor: its workers and GPUs, not the serve process's device
+        where = (f"Ray: {len(w.get('workers', []))} workers, {w.get('gpus', 0):g} GPUs" if w.get("executor") == "ray"
+                 else b.get("device", "?"))
+        _set_link("ok", f"{b.get('server')} {b.get('version', '')} on {where} (protocol "
                         f"{b.get('protocol')}) at {address}; presets {', '.join(b.get('presets', []))}")
 
     def failed(exc: Exception) -> None:
