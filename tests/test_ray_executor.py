@@ -16,6 +16,7 @@ import pytest
 
 from protocol.client import Client
 from protocol.events import Done, Progress
+from backend.jobs.store import JobStore
 from backend.presets import PRESETS
 from backend.server.server import Server
 
@@ -56,12 +57,13 @@ def _ray_server(data, **config):
     return srv, thread
 
 
-@pytest.fixture()
-def ray_server(tmp_path, ray_cluster, tiny):
-    srv, thread = _ray_server(tmp_path / "data")
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory, ray_cluster, tiny):
+    """One server and its two actors for the tests that share them (an actor takes ~15 s to start here)."""
+    srv, thread = _ray_server(tmp_path_factory.mktemp("ray") / "data")
+    srv.stop_and_wait = lambda: (srv.stop(), thread.join(30))
     yield srv
-    srv.stop()
-    thread.join(30)
+    srv.stop_and_wait()
 
 
 def _ball_upload(tmp_path) -> dict:
@@ -152,26 +154,57 @@ def test_cancel_and_finish_stop_a_ray_worker_within_a_step(ray_server):
         assert client.status(cancelled)["error"]["code"] == "cancelled"
 
 
-def test_a_serve_restart_redispatches_its_running_jobs(tmp_path, ray_cluster, tiny):
+def _serve_ray(data, address):
+    """``psd3d serve --executor ray`` in its own process, joined to the test cluster (its token in the env)."""
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:*", "--data",
+                             str(data), "--executor", "ray", "--ray-address", address, "--ray-workers", "1"],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE"))
+    line = proc.stderr.readline()
+    assert "listening on" in line, line
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain Ray's log lines
+    return proc, line.split("listening on ")[1].split(",")[0]
+
+
+def _worker_pid(client) -> int:
+    _wait(lambda: client.hello()["worker"]["workers"][0]["pid"] is not None)
+    return client.hello()["worker"]["workers"][0]["pid"]
+
+
+def test_a_serve_killed_mid_job_takes_its_actors_along_and_its_restart_redispatches(tmp_path, ray_cluster, ray_server):
+    """kill -9 of the serve process: its (non-detached) actors die with their owner, so nothing writes the
+    job's folder any more; the restarted serve requeues the job onto a new actor, which resumes it."""
+    ray_server.stop_and_wait()  # a stopped serve kills its actors: both GPUs are free again
+    _wait(lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)
     upload = _ball_upload(tmp_path)
-    srv, thread = _ray_server(tmp_path / "data")
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc, endpoint = _serve_ray(tmp_path / "data", address)
     try:
-        with Client(srv.endpoint, timeout=60) as client:
+        with Client(endpoint, timeout=60) as client:
             (job,) = client.submit("refine", REFINE, mesh=upload)
             for _, event in client.watch(job):
                 if isinstance(event, Progress) and event.step >= 5:
                     break
-    finally:
-        srv.stop()
-        thread.join(30)
-    assert not thread.is_alive()
-    srv, thread = _ray_server(tmp_path / "data")  # the same data folder: the job is re-dispatched
-    try:
-        with Client(srv.endpoint, timeout=60) as client:
+            old_actor = _worker_pid(client)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+        def gone() -> bool:
+            try:
+                os.kill(old_actor, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        _wait(gone, timeout=60)
+        proc, endpoint = _serve_ray(tmp_path / "data", address)
+        with Client(endpoint, timeout=60) as client:
             events = list(client.watch(job))
             assert isinstance(events[-1][1], Done) and client.status(job)["state"] == "done"
             steps = [e.step for _, e in events if isinstance(e, Progress)]
-            assert steps[-1] == 8
+            assert set(steps) == set(range(1, 9)) and steps[-1] == 8
+        store = JobStore(tmp_path / "data")
+        kinds = [b["kind"] for b in store.events_after(job, 0)]
+        store.close()
+        assert kinds.count("done") == 1 and kinds[-1] == "done"
     finally:
-        srv.stop()
-        thread.join(30)
+        proc.kill()
+        proc.wait(10)

@@ -4,7 +4,9 @@ loaded between jobs, cancel and finish checked once per optimisation step.
 Every job ends with exactly one terminal event (``done`` or ``failed``), stored with the state
 it ends in: the worker claims a queued job atomically (``queued`` -> ``running``), so a cancel of a
 queued job (made by the server, which emits its ``failed``) and the worker's start never both win.
-A terminal state and its terminal event are one transaction (``JobStore.end``).
+A terminal state and its terminal event are one transaction (``JobStore.end``). ``JobEvents`` owns
+how a job's event stream is written (exactly-once events, coalesced snapshots, the end); the
+RayExecutor (``ray_executor.py``) writes its actors' streams through it too.
 
 The worker never dies silently: an exception outside a pipeline (a full disk in ``set_progress``, a
 store error) fails the affected job with a named code (``disk_full``, ``storage_error``, ``internal``)

@@ -139,6 +139,9 @@ class RayExecutor:
     def start(self) -> None:
         """Connect to Ray (or start a local instance) and start one lane per worker; the actors are created
         by their lanes, so the server answers while they start."""
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            log.warning("ray: RAY_AUTH_MODE=disabled: anyone who reaches the cluster's ports can run code on every "
+                        "node; use token authentication (README 'Several GPUs')")
         if not ray.is_initialized():
             try:
                 ray.init(address=self.config.address, log_to_driver=False, **self.config.init_kwargs)
@@ -194,7 +197,7 @@ class RayExecutor:
     def health(self) -> dict:
         """The executor as ``hello`` and ``ping`` report it: every worker, where it runs and what it does."""
         workers = [{"name": lane.name, "state": lane.state, "job": lane.job, "host": lane.info.get("host"),
-                    "gpus": lane.info.get("gpus", []), "error": lane.error} for lane in self.lanes]
+                    "pid": lane.info.get("pid"), "gpus": lane.info.get("gpus", []), "error": lane.error} for lane in self.lanes]
         alive = any(t.is_alive() for t in self._threads) and any(w["state"] in ("idle", "busy") for w in workers)
         return {"executor": "ray", "alive": alive, "errors": self.errors, "last_error": self.last_error,
                 "min_free_bytes": MIN_FREE_BYTES, "workers": workers, "gpus": self.gpus,
@@ -324,6 +327,7 @@ class RayExecutor:
                 continue
             if info["pid"] != old_pid:
                 lane.info, lane.state = info, "idle"
+                lane.suspect = True  # restarted, maybe on another node: its view of the data folder is checked again
                 return
             if not killed:  # it answers from the old process (a network blip): end that process first
                 ray.kill(lane.handle, no_restart=False)
