@@ -92,7 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
         from backend.server.ray_executor import RayConfig, RayExecutor
 
         executor = partial(RayExecutor, config=RayConfig(address=args.ray_address, workers=args.ray_workers))
-    server = Server(args.data, bind=args.bind, presets=presets, keys=args.keys, executor=executor)
+    from backend.server.admission import QueueLimits
+
+    queue_limits = QueueLimits(per_client=args.max_queued_per_client, total=args.max_queued)
+    server = Server(args.data, bind=args.bind, presets=presets, keys=args.keys, executor=executor,
+                    queue_limits=queue_limits)
     print(f"psd3d serve: listening on {server.endpoint}, data in {args.data}, presets {', '.join(presets)} "
           f"(Ctrl-C stops; running jobs resume on the next start)", file=sys.stderr)
     try:
@@ -259,6 +263,7 @@ def _models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from protocol.specs import METHODS, RASTERIZERS, RECIPES, REWARDS
     from backend.presets import PRESETS
+    from backend.server.admission import QueueLimits
 
     parser = argparse.ArgumentParser(prog="psd3d", description="Preference Score Distillation: text to textured 3D props")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -328,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ray-address", default=None,
                     help="with --executor ray: 'auto' or HOST:PORT of a running cluster (default: a local Ray of its own)")
     sv.add_argument("--ray-workers", type=int, default=None, help="with --executor ray: actors (default: one per GPU)")
+    sv.add_argument("--max-queued-per-client", type=int, default=QueueLimits.per_client,
+                    help="queued jobs one client (CURVE key, or connection) may have; more is refused with queue_full")
+    sv.add_argument("--max-queued", type=int, default=QueueLimits.total, help="queued jobs in all; more is refused with queue_full")
     sv.set_defaults(run=_serve)
 
     def server_arg(p: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ from protocol.messages import (SPECS, UPLOADED_MESH_FIELD, check_mesh_arrays, er
                                spec_path, validate_spec)
 from protocol.specs import BatchSpec
 from protocol.wire import MAX_ID_CHARS, Message
-from backend.jobs.store import JobStore
+from backend.jobs.store import JobStore, storage_error
 
 
 @dataclass(frozen=True)
@@ -60,15 +60,20 @@ def error_reply(request_id: str, exc: Exception) -> Message:
     return error(request_id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
-def write_upload(arrays: dict[str, np.ndarray], path: str) -> None:
-    """An uploaded mesh (checked by ``check_mesh_arrays``) as a GLB at ``path`` (in the writer process)."""
+def write_upload(parts: dict[str, tuple[str, str, tuple]], path: str) -> None:
+    """An uploaded mesh (checked by ``check_mesh_arrays``), handed over as raw files (name -> file,
+    dtype, shape), written as a GLB at ``path`` in the writer process; the raw files are removed."""
     import torch
 
     from backend.geometry.mesh import Mesh, save_glb
 
-    save_glb(Mesh(torch.from_numpy(np.array(arrays["positions"])), torch.from_numpy(arrays["faces"].astype(np.int64)),
-                  torch.from_numpy(np.array(arrays["uvs"])) if "uvs" in arrays else None,
-                  np.array(arrays["texture"]) if "texture" in arrays else None), path)
+    try:
+        arrays = {name: np.fromfile(file, dtype).reshape(shape) for name, (file, dtype, shape) in parts.items()}
+        save_glb(Mesh(torch.from_numpy(arrays["positions"]), torch.from_numpy(arrays["faces"].astype(np.int64)),
+                      torch.from_numpy(arrays["uvs"]) if "uvs" in arrays else None, arrays.get("texture")), path)
+    finally:
+        for file, _, _ in parts.values():
+            Path(file).unlink(missing_ok=True)
 
 
 class Tokenizers:
@@ -229,8 +234,22 @@ class Admission:
         if not isinstance(spec_fields, dict):
             raise InvalidInputError("spec: must be a map of the pipeline's fields", field="spec")
         check_mesh_arrays(arrays)
-        path = self.store.root / "uploads" / f"{uuid.uuid4().hex}.glb"
-        self._writer().submit(write_upload, dict(arrays), str(path)).result()
+        name = uuid.uuid4().hex
+        path = self.store.root / "uploads" / f"{name}.glb"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = {}  # handed over as raw files: pickling them to the writer would hold the GIL (0.3 s for 2M faces)
+        try:
+            for key, array in arrays.items():
+                part = path.parent / f".{name}.{key}.tmp"  # a crash leaves a temp file, cleaned at start
+                parts[key] = (str(part), array.dtype.str, array.shape)
+                array.tofile(part)
+        except BaseException as exc:
+            for file, _, _ in parts.values():
+                Path(file).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise storage_error(exc) from exc  # disk_full or storage_error, named
+            raise
+        self._writer().submit(write_upload, parts, str(path)).result()
         return {**spec_fields, UPLOADED_MESH_FIELD[pipeline]: str(path)}
 
     def _writer(self) -> ProcessPoolExecutor:

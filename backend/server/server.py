@@ -16,6 +16,7 @@ resubscribes with the last one it saw and the store replays the rest. A job's te
 from __future__ import annotations
 
 import ipaddress
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,8 @@ from backend.server.admission import Admission, QueueLimits, Tokenizers, error_r
 from backend.server.executor import LocalExecutor
 from backend.server.snapshots import LatestSnapshots
 from backend.server.sockets import Received, Router, router_socket
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
 MIN_LIBZMQ = (4, 3, 2)  # CVE-2019-13132
@@ -149,39 +152,33 @@ class Server:
     # -- requests ----------------------------------------------------------------------------
     def handle(self, peer: bytes, frames: list) -> None:
         """Answer one request: its handler yields what goes to the peer, the reply first; an error
-        before the reply is the reply."""
-        self._answer(peer, lambda: self._handler(peer, frames))
-
-    def _answer(self, peer: bytes, handler: Callable[[], Iterator[Message]], request_id: str = "") -> None:
+        raised before the reply is the reply (a ProtocolError carries the request's id when it could
+        be read)."""
+        try:
+            msg = decode(frames)
+        except ProtocolError as exc:
+            self._send(peer, error_reply(exc.request_id, exc))
+            return
         replied = False
         try:
-            for message in handler():
+            for message in self._dispatch(peer, msg, frames[0]):
                 replied = True
                 if message.type == "event":
                     self._send_event(peer, message)
                 else:
                     self._send(peer, message)
         except Exception as exc:  # every request gets a reply; the loop keeps serving
-            if replied:
-                raise  # a bug after the reply went out: nothing more to tell the client
-            self._send(peer, error_reply(getattr(exc, "request_id", "") or request_id, exc))
+            if replied:  # a bug after the reply went out: nothing more to tell this client
+                log.exception("%s %s failed after its reply", msg.type, msg.id)
+            else:
+                self._send(peer, error_reply(msg.id, exc))
 
-    def _handler(self, peer: bytes, frames: list) -> Iterator[Message]:
-        msg = decode(frames)  # a ProtocolError carries the request's id when it could be read
-        try:
-            if self.guard is not None:
-                self._authorize(peer, frames[0])
-            if msg.type not in REQUESTS:
-                raise UnknownNameError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
-            handler = getattr(self, f"on_{msg.type}")
-        except Exception as exc:
-            exc.request_id = msg.id
-            raise
-        try:
-            yield from handler(peer, msg)
-        except Exception as exc:
-            exc.request_id = msg.id
-            raise
+    def _dispatch(self, peer: bytes, msg: Message, first_frame) -> Iterator[Message]:
+        if self.guard is not None:
+            self._authorize(peer, first_frame)
+        if msg.type not in REQUESTS:
+            raise UnknownNameError(f"type: {msg.type!r} is not a request ({', '.join(REQUESTS)})", field="type")
+        yield from getattr(self, f"on_{msg.type}")(peer, msg)
 
     def _refused(self, got: Received) -> None:
         """A message refused before its frames were kept: answered, without an id (none was read)."""

@@ -33,7 +33,7 @@ from protocol.wire import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_ARRAYS, M
                            MessageTooLargeError)
 
 SEND_HWM = 1000  # messages queued per peer before libzmq refuses more (EAGAIN: dropped)
-PEER_QUEUE_BYTES = 64 << 20  # bytes queued to one peer (not yet written to its connection) before sends drop
+PEER_QUEUE_BYTES = 16 << 20  # bytes queued to one peer (not yet written to its connection) before sends drop
 DRAIN_SLICE = 20_000  # frames of a refused message released per call (~50 ms): the loop's other work goes on
 
 

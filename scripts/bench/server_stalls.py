@@ -165,9 +165,13 @@ def main() -> None:
         del mesh
 
         # a message of many empty frames
-        def many():
-            sock.send_multipart([encode(Message("ping", "many"))[0]] + [b""] * frames)
-            return wait_reply(sock, "many")
+        def many():  # sent by another process: building 1M frames here would hold this one's GIL (and the prober)
+            code = ("import sys, zmq; from protocol.wire import Message, encode, decode; s = zmq.Context().socket(zmq.DEALER); "
+                    "s.connect(sys.argv[1]); s.send_multipart([encode(Message('ping', 'many'))[0]] + [b''] * int(sys.argv[2])); "
+                    "print(decode(s.recv_multipart()).body.get('code'))")
+            done = subprocess.run([sys.executable, "-c", code, endpoint, str(frames)], cwd=ROOT, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+            return Message("error", "many", {"code": done.stdout.strip()})
         stall, reply = case(prober, many)
         out["stall_frames_ms"] = f"{stall * 1000:.0f}"
         print(f"{frames} empty frames: {reply.body.get('code')}, longest ping {stall * 1000:.0f} ms", flush=True)
