@@ -220,8 +220,8 @@ class RayExecutor:
             job_id = None
             try:
                 if lane.handle is None or lane.suspect:
-                    if not self._make_ready(lane):
-                        self._stop.wait(5.0)
+                    if not self._make_ready(lane):  # tried again later (a node without the folder: rarely)
+                        self._stop.wait(30.0 if lane.state == "unusable" else 5.0)
                         continue
                 row = self._claim_next()
                 if row is None:
@@ -298,6 +298,8 @@ class RayExecutor:
         is stopped and its stream read to the end, so the actor is free before the lane's next job."""
         gen = lane.handle.run.options(num_returns="streaming").remote(row.pipeline, row.spec,
                                                                       str(self.store.folder(row.id)), row.resume)
+        if row.id in self._cancel or row.id in self._finish:  # asked while the lane was taking the job
+            lane.handle.stop.remote(row.id)
         complete = False
         try:
             for ref in gen:
