@@ -15,6 +15,7 @@ resubscribes with the last one it saw and the store replays the rest. A job's te
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import queue
@@ -116,7 +117,9 @@ class Server:
         self.admission = Admission(self.store, presets, self.tokenizers, self.executor.notify, self._admits, queue_limits)
         self._device: Future | None = None  # what jobs run on, learned off the loop (importing torch is slow)
         self.encodings: dict[bytes, str] = {}  # peer -> "raw" | "png" | "auto" for image snapshots
-        self._png_cache: dict[int, Message] = {}
+        self._png = ThreadPoolExecutor(1, thread_name_prefix="psd3d-png")
+        self._png_cache: dict[int, tuple[Message, Future]] = {}  # id(event) -> (event, its PNG variant): once per event
+        self._events: collections.deque = collections.deque()  # (peer, event, PNG future | None) waiting on an encoding
         self._stop = threading.Event()
 
     @property
@@ -140,14 +143,36 @@ class Server:
             self._forget(peer)
             return False
 
-    def _send_event(self, peer: bytes, message: Message) -> bool:
-        """Send an event in the encoding the peer asked for (PNG images are encoded once per event)."""
+    def _send_event(self, peer: bytes, message: Message) -> None:
+        """Send an event in the encoding the peer asked for. PNG encoding is slow (0.7 s for a 1024²
+        texture), so it runs on the PNG thread, once per event; events wait in one queue behind an
+        encoding in progress, so every peer gets its events in the order they were made."""
+        png = None
         if wants_png(self.encodings.get(peer, "auto"), message):
-            key = id(message)
-            if key not in self._png_cache:
-                self._png_cache[key] = png_variant(message)
-            message = self._png_cache[key]
-        return self._send(peer, message)
+            cached = self._png_cache.get(id(message))
+            if cached is None or cached[0] is not message:
+                cached = self._png_cache[id(message)] = (message, self._png.submit(png_variant, message))
+            png = cached[1]
+        if png is None and not self._events:
+            self._send(peer, message)
+            return
+        self._events.append((peer, message, png))
+        self.send_events()
+
+    def send_events(self) -> None:
+        """Send the queued events up to the first whose PNG is still being encoded."""
+        while self._events:
+            peer, message, png = self._events[0]
+            if png is not None and not png.done():
+                return
+            self._events.popleft()
+            if png is not None:
+                try:
+                    message = png.result()
+                except Exception:  # a bug in the encoder: the raw image still goes out
+                    log.exception("PNG encoding of a %s event failed", message.body.get("kind"))
+            self._send(peer, message)
+        self._png_cache.clear()
 
     # -- requests ----------------------------------------------------------------------------
     def handle(self, peer: bytes, frames: list) -> None:
@@ -367,7 +392,6 @@ class Server:
                 self._send_event(peer, message)
             if kind in TERMINAL:  # the job has ended: its subscriptions are done
                 self.subscribers.pop(job, None)
-            self._png_cache.clear()
 
     def serve_forever(self, poll_ms: int = 50) -> None:
         self.executor.start()
@@ -385,6 +409,7 @@ class Server:
                 if self.router.draining or dict(poller.poll(poll_ms)).get(self.socket):
                     self.receive()
                 self.publish()
+                self.send_events()
                 self.send_admitted()
                 if self.guard is not None and time.monotonic() - last_refresh > 1.0:
                     self.guard.refresh()
@@ -393,6 +418,7 @@ class Server:
             if self.guard is not None:
                 self.guard.stop()
             self.admission.stop()
+            self._png.shutdown(wait=True, cancel_futures=True)
             self.executor.stop()
             self._loader.shutdown(wait=True, cancel_futures=True)
             self.socket.close(0)

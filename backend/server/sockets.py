@@ -13,8 +13,9 @@ What libzmq bounds and what it does not (issue 16, item 4):
 - ``ZMQ_SNDHWM`` counts messages, not bytes. Each send is tracked (zero-copy frames with a
   ``MessageTracker``: libzmq releases a message once it is written to the connection), so the
   bytes queued to a peer that does not read are known; a send that would take them past
-  ``PEER_QUEUE_BYTES`` is dropped. One message is always let through to an idle peer, so the bound
-  is ``PEER_QUEUE_BYTES`` + one message (≤ ``MAX_MESSAGE_BYTES``).
+  ``PEER_QUEUE_BYTES`` is dropped. One message is always let through to an idle peer, and messages of
+  at most ``SMALL_MESSAGE_BYTES`` (replies, progress) only meet the HWM, so the bound is
+  ``PEER_QUEUE_BYTES`` + one message (≤ ``MAX_MESSAGE_BYTES``) + ``SEND_HWM`` small ones (62.5 MiB).
 
 A dropped send is what the protocol already allows: a dropped reply is a request without a reply
 (the client's timeout; every request is safe to resend, a submit by its ``key``); a dropped
@@ -34,6 +35,7 @@ from protocol.wire import (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, MAX_ARRAYS, M
 
 SEND_HWM = 1000  # messages queued per peer before libzmq refuses more (EAGAIN: dropped)
 PEER_QUEUE_BYTES = 16 << 20  # bytes queued to one peer (not yet written to its connection) before sends drop
+SMALL_MESSAGE_BYTES = 64 << 10  # never refused by the byte budget (replies, progress): SEND_HWM bounds them
 DRAIN_SLICE = 20_000  # frames of a refused message released per call (~50 ms): the loop's other work goes on
 
 
@@ -125,8 +127,11 @@ class Router:
             return 0
         return sum(n for _, n in pending)
 
-    def can_send(self, peer: bytes, nbytes: int = 0) -> bool:
-        """Whether a send of ``nbytes`` to ``peer`` fits its budget (always, when nothing is queued)."""
+    def can_send(self, peer: bytes, nbytes: int = SMALL_MESSAGE_BYTES + 1) -> bool:
+        """Whether a send of ``nbytes`` to ``peer`` fits its budget: always a small message (the HWM
+        bounds those) and any message when nothing is queued."""
+        if nbytes <= SMALL_MESSAGE_BYTES:
+            return True
         queued = self.queued_bytes(peer)
         return queued == 0 or queued + nbytes <= PEER_QUEUE_BYTES
 

@@ -51,9 +51,10 @@ srv.serve_forever()
 """
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory now (``VmHWM``: its peak so far)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -195,6 +196,7 @@ def main() -> None:
         del big
         time.sleep(1)
         out["rss_3x250_before_mib"], out["rss_3x250_after_mib"] = f"{before:.0f}", f"{rss_mib(child.pid):.0f}"
+        out["rss_peak_mib"] = f"{rss_mib(child.pid, 'VmHWM'):.0f}"  # libzmq held the 750 MiB message whole
         print(f"3 x 250 MiB frames: {reply.body.get('code') if reply else None}, RSS {before:.0f} -> "
               f"{rss_mib(child.pid):.0f} MiB", flush=True)
 
