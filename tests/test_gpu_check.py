@@ -64,3 +64,30 @@ def test_cpu_smoke_times_each_pipeline_and_parses_the_benches(smoke_report):
     assert sections["pytest_gpu"]["numbers"]["failed"] == 0
     assert (out / "report.md").read_text().startswith("# psd3d GPU check: cpu-smoke")
     assert (out / "step_cost.log").is_file()
+    # minutes per prop for every recipe, from these numbers (the tiny preset's step counts here)
+    assert set(report["estimates"]["tiny"]) == {"sd-dmtet", "mvdream", "mvdream-nerf", "mvdream-dmtet"}
+    assert all(m["total"] >= 0 for m in report["estimates"]["tiny"].values())
+    assert "Estimated minutes per prop, tiny" in (out / "report.md").read_text()
+
+
+def test_time_per_prop_is_steps_times_the_measured_step_costs():
+    """scripts/gpu/estimate.py: each stage's full step count times its measured s/step (the NeRF
+    stages: the 2D step per object plus the volume renders of its views)."""
+    sys.path.insert(0, str(REPO / "scripts" / "gpu"))
+    from estimate import recipe_minutes
+
+    from backend.presets import get_preset
+    from protocol.specs import RECIPE_STAGES
+
+    numbers = {"image2d": {"s_per_step": 0.2}, "geometry": {"s_per_step": 0.3}, "texture": {"s_per_step": 0.4},
+               "nerf": {"nerf_cuda_64_ms": 10.0, "nerf_cuda_256_ms": 40.0}}
+    paper = get_preset("sd21-paper")
+    got = recipe_minutes(paper, numbers, RECIPE_STAGES)
+    assert got["sd-dmtet"]["geometry"] == round(paper.geometry.steps * 0.3 / 60, 1)
+    assert got["sd-dmtet"]["texture"] == round(paper.texture.steps * 0.4 / 60, 1)
+    # mvdream-sd21.yaml: 5000 steps of 2 objects at 64^2, 5000 of 1 at 256^2, 4 views each
+    nerf_s = 5000 * 2 * (0.2 + 4 * 0.010) + 5000 * 1 * (0.2 + 4 * 0.040)
+    assert got["mvdream"] == {"nerf": round(nerf_s / 60, 1), "total": round(nerf_s / 60, 1)}
+    refine_s = 20_000 * (0.2 + 0.040 * 4)  # 512^2 renders: 4x the 256^2 pixels
+    assert got["mvdream-nerf"]["nerf-refine"] == round(refine_s / 60, 1)
+    assert got["mvdream-dmtet"]["total"] == round((nerf_s + paper.geometry.steps * 0.3 + paper.texture.steps * 0.4) / 60, 1)

@@ -81,6 +81,8 @@ from backend.pipelines.texture_stage import TextureStage  # noqa: E402
 from backend.presets import TINY_MODELS, get_preset  # noqa: E402
 from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS  # noqa: E402
 from backend.render.ops import Backend, RasterContext  # noqa: E402
+from protocol.specs import RECIPE_STAGES  # noqa: E402
+from estimate import recipe_minutes  # noqa: E402  (scripts/gpu/estimate.py)
 from step_cost import sd21_shape_models  # noqa: E402
 from render import bench as render_bench, nerf_scene, nerf_step  # noqa: E402  (scripts/bench/render.py)
 
@@ -534,12 +536,23 @@ class Check:
             "elapsed_s": elapsed,
             "deadline_s": self.plan.deadline_s,
             "sections": {name: asdict(sec) for name, sec in self.sections.items()},
+            "estimates": self.estimates(),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.out / "report.json.tmp"
         tmp.write_text(json.dumps(report, indent=1, default=str))
         tmp.replace(self.out / "report.json")
         (self.out / "report.md").write_text(self.markdown(report))
+
+    def estimates(self) -> dict:
+        """Minutes per prop for each recipe and preset (scripts/gpu/estimate.py), once the stage
+        sections it needs have numbers; the paper's presets on a GPU, the plan's own in a smoke run."""
+        needed = ("image2d", "geometry", "texture", "nerf")
+        if any(name not in self.sections or self.sections[name].status != "ok" for name in needed):
+            return {}
+        numbers = {name: self.sections[name].numbers for name in needed}
+        presets = ("sd21-draft", "sd21-paper") if self.plan.mode == "gpu" else (self.plan.preset,)
+        return {name: recipe_minutes(get_preset(name), numbers, RECIPE_STAGES) for name in presets}
 
     @staticmethod
     def markdown(report: dict) -> str:
@@ -560,7 +573,14 @@ class Check:
                     details.append(f"- {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
                 if sec["error"]:
                     details += ["", "```", sec["error"].rstrip(), "```"]
-        return "\n".join(lines + details) + "\n"
+        estimates = []
+        for preset, recipes in report.get("estimates", {}).items():
+            estimates += ["", f"## Estimated minutes per prop, {preset} (scripts/gpu/estimate.py)", "",
+                          "| recipe | stages (minutes) | total |", "|---|---|---:|"]
+            for recipe, minutes in recipes.items():
+                stages = ", ".join(f"{k} {v:g}" for k, v in minutes.items() if k != "total")
+                estimates.append(f"| {recipe} | {stages} | {minutes['total']:g} |")
+        return "\n".join(lines + estimates + details) + "\n"
 
 
 def main() -> int:
