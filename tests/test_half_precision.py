@@ -1,6 +1,7 @@
 """Gradients through a float16 prior: the negative embedding's (Eq. 31-32) and the render's
 survive, because each float16 module's backward runs on a rescaled gradient
-(``prior.HalfGradSpan``). A CPU runs float16, so these run everywhere on the tiny models;
+(``prior.HalfGradSpan``); and point where float32's does, in float16 and bfloat16, when the reward
+path runs in float32 (``prior.float32_reward_path``, ``GuidanceConfig.float32_reward_path``). A CPU runs float16, so these run everywhere on the tiny models;
 ``scripts/bench/half_precision.py`` measures the same on every t and on SD 2.1's shapes."""
 
 import copy
@@ -10,6 +11,7 @@ import torch
 
 from backend.models import load_models
 from backend.presets import TINY_MODELS
+from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
 from backend.psd.guidance import add_noise, distillation_loss, sds_direction, cfg as cfg_eps, sds_weight
 from backend.psd.negative import NegativeConfig, NegativeEmbedding, negative_embedding_reward
 from backend.psd.prior import HALF_GRAD_PEAK, DiffusionPrior, HalfGradSpan, half_grad_scale
@@ -42,6 +44,11 @@ def priors(tiny):
     return centred(tiny.prior), centred(half.prior)
 
 
+@pytest.fixture(scope="module")
+def bf16_prior():
+    return centred(load_models(TINY_MODELS, device=torch.device("cpu"), dtype=torch.bfloat16).prior)
+
+
 def cosine_and_lost(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
     """Cosine, and the fraction of ``ref``'s nonzero elements that are zero in ``other``."""
     a, b = ref.flatten().double(), other.flatten().double()
@@ -64,6 +71,46 @@ def n_grad(prior, reward, t: int = 400) -> torch.Tensor:
     n = prior.encode_text(["blurry, ugly"]).float().requires_grad_(True)
     r = negative_embedding_reward(prior, reward, feats, x_t, tt, eps_y, n, 7.5, dict(tiny=True))
     return torch.autograd.grad(r.sum(), n)[0]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_float32_reward_path_gives_float32s_negative_embedding_gradient(tiny, priors, bf16_prior, dtype):
+    """The half forward's rounding, times gamma s_t / a_t in x0, turns n's gradient (bfloat16:
+    cosine 0.93..0.98 here at t = 400..950); with the UNet calls and TAESD of the reward path in
+    float32 it points where float32's does (0.993 or more; float16 0.999) and loses no element."""
+    full, half = priors[0], priors[1] if dtype == "fp16" else bf16_prior
+    small = ScaledReward(tiny.target_reward, SMALL)
+    for t in (400, 700, 950):
+        with half.float32_reward_path():
+            cos, lost = cosine_and_lost(n_grad(full, small, t), n_grad(half, small, t))
+        assert lost <= 0.01 and cos >= 0.99, (t, cos, lost)
+    assert all(m.dtype == torch.float32 for m in half._float32_copies.values())
+    assert half.unet.dtype != torch.float32 and half.tiny_decoder.dtype != torch.float32
+
+
+def test_the_config_runs_a_pair_steps_reward_path_in_float32_and_an_sds_step_half(tiny, bf16_prior):
+    """``GuidanceConfig.float32_reward_path``: every UNet call of a PSD pair step (eps(y), eps(n)
+    of both noisings, the n branch) runs the float32 copy; a plain SDS step stays bfloat16."""
+    prior = copy.copy(bf16_prior)
+    seen = []
+    plain = prior.predict_eps
+
+    def spy(*args, **kwargs):
+        seen.append(prior.active_unet().dtype)
+        return plain(*args, **kwargs)
+
+    prior.predict_eps = spy
+    feats = tiny.target_reward.text_features("a cup")
+    y, n = tiny.prior.encode_text(["a cup"]), tiny.prior.encode_text(["blurry"])
+    x_c = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    for method, expected in ((Method.PSD, torch.float32), (Method.SDS, torch.bfloat16)):
+        seen.clear()
+        config = GuidanceConfig(method=method, float32_reward_path=True)
+        distiller = ScoreDistiller(prior, tiny.target_reward, feats, y, NegativeEmbedding(n), config,
+                                   torch.Generator().manual_seed(1))
+        distiller.step(x_c, t, 0)
+        assert seen and set(seen) == {expected}, (method, seen)
 
 
 def test_negative_embedding_gradient_survives_float16(tiny, priors):

@@ -18,6 +18,7 @@ negative embedding's reward are per object.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -80,6 +81,13 @@ class GuidanceConfig:
     # phi of MVDream's CFG rescale (``recon_std_rescale``, guidance.rescaled_cfg): 0 leaves eps~ as
     # Eq. 3 gives it; the single stage on MVDream takes its config's 0.5
     cfg_rescale: float = 0.0
+    # On pair steps, run the UNet calls the reward sees (eps(y) and eps(n) of both noisings, and the
+    # n branch of Eq. 13) and the reward's TAESD with float32 copies of a half prior's UNet and TAESD
+    # (prior.float32_reward_path): the
+    # half forward's rounding, times gamma s_t / a_t in x0, turns n's gradient away from float32's
+    # (cosine 0.93 in bfloat16, 0.987 in float16 on the tiny models; scripts/bench/half_precision.py).
+    # Plain SDS steps stay in the prior's dtype. No effect on a float32 prior.
+    float32_reward_path: bool = False
 
     @property
     def reward_gamma(self) -> float:
@@ -207,13 +215,14 @@ class ScoreDistiller:
         second = self._noising(x0, self._second_noise(x0, t, y, camera), a, s)
         update_n = cfg.method is Method.PSD and self.negative.trainable(step)
         neg_r = None
-        if update_n and cfg.reuse_winner_forward:
-            neg_r = self._rank_and_update_n(first, second, t, a, s, step, y, camera)
-        else:
-            # Alg. 1 line 7 + section 3.1: one batched call gives eps(x_i, y) and eps(x_i, n) for both.
-            first.eps_y, second.eps_y, first.eps_n, second.eps_n = self._eps(
-                [first.x, second.x, first.x, second.x], t, [y, y, n, n], camera)
-            self._rank(first, second, a, s)
+        with self._reward_precision():
+            if update_n and cfg.reuse_winner_forward:
+                neg_r = self._rank_and_update_n(first, second, t, a, s, step, y, camera)
+            else:
+                # Alg. 1 line 7 + section 3.1: one batched call gives eps(x_i, y) and eps(x_i, n) for both.
+                first.eps_y, second.eps_y, first.eps_n, second.eps_n = self._eps(
+                    [first.x, second.x, first.x, second.x], t, [y, y, n, n], camera)
+                self._rank(first, second, a, s)
         w, l = winner_and_loser(first, second, self.views)  # noqa: E741
         guided_w, guided_l = self._guided(w, a, s), self._guided(l, a, s)
 
@@ -236,10 +245,17 @@ class ScoreDistiller:
             raise NumericalError(f"step {step}: the guidance holds NaN or inf (t={t.tolist()})")
 
         if update_n and not cfg.reuse_winner_forward:  # Alg. 1 line 11, Eq. 13
-            neg_r = self.negative.update(self.prior, self.reward, self.text_features, w.x, t, w.eps_y,
-                                         cfg.reward_gamma, vars(cfg.decode), step, camera=camera)
+            with self._reward_precision():
+                neg_r = self.negative.update(self.prior, self.reward, self.text_features, w.x, t, w.eps_y,
+                                             cfg.reward_gamma, vars(cfg.decode), step, camera=camera)
         return StepOutput(grad=grad, t=t, pair=True, reward_w=w.reward, reward_l=l.reward, beta_r=beta,
                           negative_reward=neg_r)
+
+    def _reward_precision(self):
+        """The context of the UNet calls the reward sees: float32 when the config asks for it."""
+        if self.config.float32_reward_path and hasattr(self.prior, "float32_reward_path"):
+            return self.prior.float32_reward_path()
+        return nullcontext()
 
     def _guided(self, noising: Noising, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """eps~ of the guidance (Eq. 3), through MVDream's CFG rescale when the config asks for it."""

@@ -352,7 +352,8 @@ class MultiViewPrior(DiffusionPrior):
         """eps(x_t, cond, t, camera): x_t (N·F,C,h,w), t (N·F,), cond (N·F,L,D), camera (N·F,16) or
         None -> (N·F,C,h,w) float32, F = ``num_frames``. Runs in the model's dtype as
         :meth:`DiffusionPrior.predict_eps` does; gradients flow to ``cond`` and ``x_t``."""
-        span = self._span()
-        out = self.unet(span.inputs(x_t).to(self.dtype), t.to(self.device), span.inputs(cond).to(self.dtype),
-                        None if camera is None else camera.to(self.device), self.num_frames)
+        unet = self.active_unet()
+        span = self._span(unet.dtype)
+        out = unet(span.inputs(x_t).to(unet.dtype), t.to(self.device), span.inputs(cond).to(unet.dtype),
+                   None if camera is None else camera.to(self.device), self.num_frames)
         return span.output(at_least_fp32(out))

@@ -15,11 +15,23 @@ models as built), so a plain float16 backward returns zeros and n stops learning
 :class:`HalfGradSpan`: its backward runs on a gradient rescaled by a power of two chosen from
 that gradient (``scripts/bench/half_precision.py`` measures it; ``tests/test_half_precision.py``
 pins it).
+
+The loss scale keeps every element of n's gradient, but not its direction: the one-step
+prediction the reward scores is ``x0 = (x_t - s_t eps~) / a_t`` with ``eps~ = eps(n) + gamma
+(eps(y) - eps(n))``, so the forward rounding of both UNet branches reaches x0 multiplied by about
+gamma s_t / a_t, and the reward's gradient is taken at a moved point. That rounding is spread over
+the whole UNet (no single part — attention, norms, resnets, time embedding, conv_out, TAESD —
+carries it; ``scripts/bench/half_precision.py`` lists the measurements), so the only remedy is to
+run the UNet calls that feed the reward in float32: :meth:`DiffusionPrior.float32_reward_path`, a float32
+copy of the half UNet's weights made on first use, with TAESD's (small; in bfloat16 its rounding
+alone costs about 0.005 of cosine), switched on per run by ``GuidanceConfig.float32_reward_path``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +196,8 @@ class DiffusionPrior:
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, tiny_decoder=None,
                  half_grad_peak: float | None = HALF_GRAD_PEAK) -> None:
         self.half_grad_peak = half_grad_peak  # None: float16 backward unscaled (measurement only)
+        self._float32_copies: dict[str, torch.nn.Module] = {}  # made by float32_reward_path, by attribute
+        self._float32_depth = 0
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -252,13 +266,40 @@ class DiffusionPrior:
 
         Runs in the model's dtype and returns float32; gradients flow to ``cond`` and
         ``x_t`` when they require them (model weights are frozen)."""
-        span = self._span()
-        out = self.unet(span.inputs(x_t).to(self.dtype), t.to(self.device),
-                        encoder_hidden_states=span.inputs(cond).to(self.dtype)).sample
+        unet = self.active_unet()
+        span = self._span(unet.dtype)
+        out = unet(span.inputs(x_t).to(unet.dtype), t.to(self.device),
+                   encoder_hidden_states=span.inputs(cond).to(unet.dtype)).sample
         return span.output(at_least_fp32(out))
 
-    def _span(self) -> HalfGradSpan:
-        return HalfGradSpan(self.half_grad_peak if self.dtype == torch.float16 else None)
+    @contextmanager
+    def float32_reward_path(self):
+        """Inside this context :meth:`predict_eps` and the TAESD of :meth:`decode_for_reward` run
+        float32 copies of a float16 / bfloat16 prior's UNet and TAESD (the half weights cast up,
+        made on first use and kept: the UNet's memory twice again over its half copy); the VAE
+        stays in the prior's dtype. A float32 prior is unchanged. For the calls whose outputs the
+        reward sees through Tweedie (module docstring)."""
+        self._float32_depth += 1
+        try:
+            yield
+        finally:
+            self._float32_depth -= 1
+
+    def active_unet(self):
+        """The UNet :meth:`predict_eps` runs now: the float32 copy inside :meth:`float32_reward_path`."""
+        return self._active("unet")
+
+    def _active(self, name: str):
+        module = getattr(self, name)
+        if self._float32_depth == 0 or module.dtype == torch.float32:
+            return module
+        if name not in self._float32_copies:
+            self._float32_copies[name] = copy.deepcopy(module).float().requires_grad_(False)
+        return self._float32_copies[name]
+
+    def _span(self, dtype: torch.dtype | None = None) -> HalfGradSpan:
+        dtype = self.dtype if dtype is None else dtype
+        return HalfGradSpan(self.half_grad_peak if dtype == torch.float16 else None)
 
     # -- VAE ------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -279,8 +320,9 @@ class DiffusionPrior:
         (224 px for HPSv2.1, antialiased bicubic in ``rewards.clip_preprocess``), so a picture
         is shrunk once, in pixel space. ``tiny`` uses AutoencoderTiny when the prior has one."""
         if tiny and self.tiny_decoder is not None:
-            span = self._span()
-            sf = float(self.tiny_decoder.config.scaling_factor)
-            images = self.tiny_decoder.decode((span.inputs(latents) / sf).to(self.dtype)).sample
+            taesd = self._active("tiny_decoder")
+            span = self._span(taesd.dtype)
+            sf = float(taesd.config.scaling_factor)
+            images = taesd.decode((span.inputs(latents) / sf).to(taesd.dtype)).sample
             return ((span.output(at_least_fp32(images)) + 1) / 2).clamp(0, 1)
         return self.decode_latents(latents)

@@ -15,6 +15,16 @@ rescaling off (``half_grad_peak=None``); ``fp16`` and ``bf16`` are the shipped c
 fp16 eps(y)`` is float32 throughout except ``eps(y)``, taken from the float16 prior — how far
 the float32 gradient itself moves when the point it is taken at moves by float16's forward
 rounding (amplified by (s_t / a_t)(gamma - 1) in x0), the bound no backward can beat.
+``fp16 f32 path`` and ``bf16 f32 path`` run the reward path — the UNet calls (eps(y) and the n
+branch) and TAESD — in float32 (``prior.float32_reward_path``, ``GuidanceConfig.float32_reward_path``),
+the VAE half. The last column: seconds per n gradient (mean over t) on this device.
+
+Where the rounding comes from (tiny, bfloat16, cosine at t = 400 / 700 / 950): float32 for a
+single part of the bfloat16 UNet leaves the cosine at 0.93..0.97 whichever part it is (conv_out and
+its norm, the time embedding, cross-attention, self-attention, the transformer blocks, the
+resnets, every norm, every Linear); TAESD in float32 with the UNet bfloat16: 0.96 / 0.92 / 0.94;
+eps(y) alone in float32: 0.98 / 0.95 / 0.96; the UNet in float32 from the bfloat16-rounded
+weights: 0.999 / 0.998 / 0.995. The error is the whole UNet's forward rounding, not one op.
 
     .venv/bin/python scripts/bench/half_precision.py --shape tiny
     .venv/bin/python scripts/bench/half_precision.py --shape sd21-shape --device cuda
@@ -23,6 +33,7 @@ rounding (amplified by (s_t / a_t)(gamma - 1) in x0), the bound no backward can 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -86,16 +97,19 @@ class Case:
         self.feats = reward.text_features(PROMPT)
         self.reward, self.gamma, self.device = reward, gamma, device
 
-    def n_grad(self, prior, t: int, eps_y_prior=None) -> torch.Tensor:
-        """d r(y, x0(n)) / d n (Eq. 31-32) at x_t = a x0 + s eps; ``eps_y_prior`` computes eps(y) (default ``prior``)."""
+    def n_grad(self, prior, t: int, eps_y_prior=None, float32_path: bool = False) -> torch.Tensor:
+        """d r(y, x0(n)) / d n (Eq. 31-32) at x_t = a x0 + s eps; ``eps_y_prior`` computes eps(y) (default
+        ``prior``); ``float32_path``: eps(y), the n branch and TAESD in float32, as a pair step
+        with ``GuidanceConfig.float32_reward_path`` runs them."""
         tt = torch.tensor([t], device=self.device)
         a, s = prior.alpha_sigma(tt)
         x_t = add_noise(self.x0, self.eps, a, s)
-        with torch.no_grad():
-            eps_y = (eps_y_prior or prior).predict_eps(x_t, tt, self.y)
-        n = self.n.clone().requires_grad_(True)
-        r = negative_embedding_reward(prior, self.reward, self.feats, x_t, tt, eps_y, n, self.gamma, dict(tiny=True))
-        (grad,) = torch.autograd.grad(r.sum(), n)
+        with prior.float32_reward_path() if float32_path else contextlib.nullcontext():
+            with torch.no_grad():
+                eps_y = (eps_y_prior or prior).predict_eps(x_t, tt, self.y)
+            n = self.n.clone().requires_grad_(True)
+            r = negative_embedding_reward(prior, self.reward, self.feats, x_t, tt, eps_y, n, self.gamma, dict(tiny=True))
+            (grad,) = torch.autograd.grad(r.sum(), n)
         return grad
 
     def render_grad(self, prior, t: int) -> torch.Tensor:
@@ -156,22 +170,30 @@ def main() -> None:
         "n      fp16 unscaled": ("n", lambda t: unscaled(lambda: case.n_grad(fp16, t))),
         "n      fp16": ("n", lambda t: case.n_grad(fp16, t)),
         "n      bf16": ("n", lambda t: case.n_grad(bf16, t)),
+        "n      fp16 f32 path": ("n", lambda t: case.n_grad(fp16, t, float32_path=True)),
+        "n      bf16 f32 path": ("n", lambda t: case.n_grad(bf16, t, float32_path=True)),
         "n      fp32 @ fp16 eps(y)": ("n", lambda t: case.n_grad(priors["fp32"], t, eps_y_prior=fp16)),
         "n      fp32 @ bf16 eps(y)": ("n", lambda t: case.n_grad(priors["fp32"], t, eps_y_prior=bf16)),
         "render fp16 unscaled": ("render", lambda t: unscaled(lambda: case.render_grad(fp16, t))),
         "render fp16": ("render", lambda t: case.render_grad(fp16, t)),
         "render bf16": ("render", lambda t: case.render_grad(bf16, t)),
     }
+    def timed(fn, t):
+        begin = time.perf_counter()
+        return fn(t), time.perf_counter() - begin
+
     refs = {t: {"n": case.n_grad(priors["fp32"], t), "render": case.render_grad(priors["fp32"], t)} for t in TIMESTEPS}
-    print(f"  {'':26s}" + "".join(f"{'t=' + str(t):>18s}" for t in TIMESTEPS))
+    print(f"  {'':26s}" + "".join(f"{'t=' + str(t):>18s}" for t in TIMESTEPS) + "   s/grad")
     results = {}
     for label, (kind, fn) in rows.items():
-        results[label] = [compare(refs[t][kind], fn(t)) for t in TIMESTEPS]
-        print(f"  {label:26s}" + "".join(f"{c:10.4f} {z:6.1%}" for c, z in results[label]), flush=True)
+        grads = [timed(fn, t) for t in TIMESTEPS]
+        results[label] = [compare(refs[t][kind], g) for t, (g, _) in zip(TIMESTEPS, grads)]
+        seconds = sum(dt for _, dt in grads) / len(grads)
+        print(f"  {label:26s}" + "".join(f"{c:10.4f} {z:6.1%}" for c, z in results[label]) + f"   {seconds:6.2f}", flush=True)
     summary = []
-    for name in ("fp16", "bf16"):
-        cells = results[f"n      {name}"]
-        summary += [f"n_grad_cos_min_{name}={min(c for c, _ in cells):.4f}", f"n_grad_zero_max_{name}={max(z for _, z in cells):.4f}"]
+    for name in ("fp16", "bf16", "fp16 f32 path", "bf16 f32 path"):
+        cells, key = results[f"n      {name}"], name.replace(" f32 path", "_f32path")
+        summary += [f"n_grad_cos_min_{key}={min(c for c, _ in cells):.4f}", f"n_grad_zero_max_{key}={max(z for _, z in cells):.4f}"]
     print(" ".join(summary))
 
 
