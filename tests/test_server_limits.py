@@ -229,8 +229,8 @@ def test_a_client_that_never_reads_cannot_grow_the_server(tmp_path, tiny):
 
 
 def test_a_texture_sent_as_png_does_not_stall_another_clients_ping(tmp_path, tiny):
-    """PNG encoding (seconds for a 2048² texture) runs off the loop; the subscriber still gets the
-    texture before the event that followed it."""
+    """PNG encoding (seconds for a 4096² texture of noise) runs off the loop; the subscriber still gets
+    the texture before the event that followed it."""
     with serving(tmp_path, executor=IdleExecutor) as srv:
         assert _ping_latency(srv) < 30
         watcher = zmq.Context.instance().socket(zmq.DEALER)
@@ -241,17 +241,17 @@ def test_a_texture_sent_as_png_does_not_stall_another_clients_ping(tmp_path, tin
         _reply(watcher, "w")
         job = "b" * 32
         srv.subscribers.setdefault(job, set()).add(b"watcher")  # "auto": a 2048² texture travels as PNG
-        image = np.random.default_rng(0).integers(0, 255, (2048, 2048, 4), dtype=np.uint8)
+        image = np.random.default_rng(0).integers(0, 255, (4096, 4096, 4), dtype=np.uint8)
         srv.outbox.put((job, Message("event", "", {"job": job, "seq": 1, "kind": "texture", "step": 1}, {"image": image})))
         srv.outbox.put((job, Message("event", "", {"job": job, "seq": 2, "kind": "progress", "step": 2, "total": 2,
                                                    "stage": "texture", "metrics": {}})))
         time.sleep(0.2)
         latency = _ping_latency(srv)
-        assert not watcher.poll(0), "the texture was encoded on the loop before the ping was answered"
         kinds = []
         while len(kinds) < 2:
-            assert watcher.poll(60_000), (kinds, list(srv._events), srv.dropped, srv.router._queued)
+            assert watcher.poll(120_000), kinds
             msg = decode(watcher.recv_multipart())
             kinds.append((msg.body["kind"], msg.body.get("encoding")))
-        assert kinds == [("texture", "png"), ("progress", None)] and latency < 2, (kinds, latency)
+        assert kinds == [("texture", "png"), ("progress", None)], kinds
+        assert latency < 1.5, f"a ping waited {latency:.2f} s behind a PNG encoding"
         watcher.close(0)
