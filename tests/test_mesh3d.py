@@ -93,12 +93,27 @@ def test_generate_streams_mesh_then_texture_and_writes_a_textured_glb(tmp_path, 
     assert np.all(np.abs(geom.bounds) < 1.0)  # the unit frame when no init mesh is given
 
 
-@pytest.mark.parametrize("polls", [2, 6], ids=["in-geometry", "in-texture"])
-def test_stop_and_keep_streams_exactly_the_kept_result(tmp_path, tiny, polls, stop_after):
-    """Stopped in any stage, the last mesh and texture snapshots are out.glb (no black prop, nothing behind)."""
-    events = list(run_generate(GenerateSpec(prompt="a teapot", steps=4, seed=1), tmp_path, models=tiny,
+# polls of should_stop: one before each step, one between the 3-stage recipe's coarse and DMTet stages
+@pytest.mark.parametrize("recipe,polls,stage", [("sd-dmtet", 2, "geometry"), ("sd-dmtet", 6, "texture"),
+                                                ("mvdream-dmtet", 2, "nerf"), ("mvdream-dmtet", 7, "geometry"),
+                                                ("mvdream-dmtet", 11, "texture")],
+                         ids=["in-geometry", "in-texture", "3-stage-in-nerf", "3-stage-in-geometry", "3-stage-in-texture"])
+def test_stop_and_keep_streams_exactly_the_kept_result(tmp_path, tiny, recipe, polls, stage, stop_after):
+    """Stopped in any stage of any recipe, the last mesh and texture snapshots are out.glb (no black
+    prop, nothing behind); meshes stream through every stage, one topology id per set of faces."""
+    events = list(run_generate(GenerateSpec(prompt="a teapot", recipe=recipe, steps=4, seed=1), tmp_path, models=tiny,
                                should_stop=stop_after(polls)))
     assert isinstance(events[-1], Done), events[-1]
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress[-1].stage == stage and progress[-1].step == 2
+    ran, planned = [e.stage for e in progress], GenerateSpec(prompt="a", recipe=recipe).stages
+    assert sorted(set(ran), key=planned.index) == list(planned[:planned.index(stage) + 1])  # every stage up to it
+    snapshots = [e for e in events if isinstance(e, MeshSnapshot)]
+    ids = [e.topology_id for e in snapshots]
+    assert ids == sorted(ids)  # a new set of faces gets a new id; the add-on moves vertices within one
+    for a, b in zip(snapshots, snapshots[1:]):
+        if a.topology_id == b.topology_id:
+            assert np.array_equal(a.faces, b.faces)
     last_mesh = max(i for i, e in enumerate(events) if isinstance(e, MeshSnapshot))
     last_texture = max(i for i, e in enumerate(events) if isinstance(e, TextureSnapshot))
     assert last_texture > last_mesh  # the kept mesh is textured after it arrives

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from protocol.client import Client
-from protocol.events import Done, Failed, Progress
+from protocol.events import Done, Failed, MeshSnapshot, Progress
 from protocol.specs import job_stages
 from backend.geometry.mesh import load_mesh
 
@@ -69,5 +69,10 @@ def test_a_kill_in_each_stage_resumes_that_stage(tmp_path, psd3d_home):
         # a resumed stage repeats at most the steps since its last checkpoint, never goes back to its start twice
         assert steps.count(1) <= 2
     assert sum(isinstance(e, Done) for _, e in seen) == 1 and isinstance(seen[-1][1], Done)
+    # the streamed meshes' topology ids only rise, across stages and restarts; one id, one set of faces
+    meshes = [e for _, e in seen if isinstance(e, MeshSnapshot)]
+    assert len(meshes) >= 3 and [m.topology_id for m in meshes] == sorted(m.topology_id for m in meshes)
+    for a, b in zip(meshes, meshes[1:]):
+        assert a.topology_id != b.topology_id or a.faces.shape == b.faces.shape
     result = load_mesh(tmp_path / "data" / "jobs" / job / "out.glb")
     assert result.texture is not None and result.uvs is not None and result.faces.shape[0] > 50

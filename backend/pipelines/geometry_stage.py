@@ -120,7 +120,7 @@ class GeometryStage(DistillationStage):
     def save_checkpoint(self) -> None:
         atomic_torch_save({"step": self.step, "sdf": self.sdf.detach().cpu(), "deform": self.deform.detach().cpu(),
                            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                           "metrics": self.log.steps,
+                           "metrics": self.log.steps, "topology_id": self.topology_id,
                            "integral_noise": None if self.noise is None else self.noise.state_dict()},
                           self.out / self.CHECKPOINT)
 
@@ -134,6 +134,9 @@ class GeometryStage(DistillationStage):
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.log.steps, self.step = state["metrics"], state["step"]
+        # ids keep rising after a resume: past any the killed run streamed after this checkpoint (at
+        # most one new id a step, and one for the stop)
+        self.topology_id = max(self.topology_id, int(state.get("topology_id", 0)) + self.settings.checkpoint_every + 1)
         if self.noise is not None and state.get("integral_noise") is not None:
             self.noise.load_state_dict(state["integral_noise"])
         return True

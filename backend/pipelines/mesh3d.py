@@ -146,6 +146,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
     geo = preset.geometry
     grid = TetGrid.cube(geo.grid_resolution)
     block = _block_out(spec)
+    topology_id = 0  # the last streamed mesh's id
     # Table 2's 3-stage pipeline: MVDream NeRF -> DMTet geometry -> texture; a block-out skips the
     # coarse stage unless the spec sends it through
     if "nerf" in spec.stages:
@@ -156,6 +157,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
             return
         grid, sdf0 = dmtet_from_field(coarse.field, geo.grid_resolution, coarse.surface_level())
         norm, warnings = (Normalisation(), []) if block is None else (block.norm, block.warnings)
+        topology_id = coarse.topology_id
     elif block is not None:
         norm, warnings = block.norm, block.warnings
         sdf0 = mesh_sdf(grid.vertices, block.positions, block.faces)
@@ -172,6 +174,7 @@ def _generate(spec: GenerateSpec, out: Path, models, should_stop, resume) -> Ite
                                           "guidance": config_to_json(guidance)})
     to_world = norm.to_world
     geometry = GeometryStage(models, spec.prompt, n0, sdf0, grid, geo, spec.seed, out, to_world, ctx)
+    geometry.topology_id = topology_id  # the coarse stage's meshes came first: ids keep rising
     if resume:
         geometry.load_checkpoint()
     yield from geometry.run(geo_steps, should_stop)

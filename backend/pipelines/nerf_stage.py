@@ -189,7 +189,9 @@ class NerfStage(DistillationStage):
             settings.integral_noise, torch.Generator().manual_seed(seed))
         self.step = 0
         self.log = MetricsLog()
-        self.topology_id = 0
+        # a streamed mesh's faces are named by an id that rises through the job's stages (the add-on
+        # moves vertices only within one id): a stage that continues another continues its ids
+        self.topology_id = 0 if start is None else start.topology_id
 
     # -- the loop ---------------------------------------------------------------------------
     def update(self, total: int) -> tuple[torch.Tensor, StepOutput, dict]:
@@ -264,7 +266,7 @@ class NerfStage(DistillationStage):
                            "negative": self.negative.value.detach().cpu(),
                            "negative_optimizer": self.negative.optimizer.state_dict(),
                            "generator": self.generator.get_state(), "metrics": self.log.steps,
-                           "integral_noise": None if self.noise is None else self.noise.state_dict()},
+                           "topology_id": self.topology_id, "integral_noise": None if self.noise is None else self.noise.state_dict()},
                           self.checkpoint_path)
 
     def load_checkpoint(self) -> bool:
@@ -283,4 +285,7 @@ class NerfStage(DistillationStage):
         if self.noise is not None and state.get("integral_noise") is not None:
             self.noise.load_state_dict(state["integral_noise"])
         self.log.steps, self.step = state["metrics"], state["step"]
+        # ids keep rising after a resume: past any the killed run streamed after this checkpoint (at
+        # most one new id a step, and one for the stop)
+        self.topology_id = max(self.topology_id, int(state.get("topology_id", 0)) + self.settings.checkpoint_every + 1)
         return True
