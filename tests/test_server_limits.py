@@ -147,6 +147,7 @@ def test_queued_jobs_are_limited_per_client_and_in_total_and_hello_states_it(tmp
         assert err.value.code == "queue_full" and "per client" in str(err.value)
         # a resent submit is still answered with its jobs (exactly once), full queue or not
         assert alice.submit("image2d", {"steps": 1}, prompts=["a cup", "a pot", "a pan"], key="k1") == first
+        assert alice.request("submit", {"key": "k1"}).body["jobs"] == first  # by its key alone
         bob.submit("image2d", {"steps": 1}, prompts=["a cup", "a pot"])
         with pytest.raises(ServerError) as err:
             bob.submit("image2d", {"prompt": "a lid", "steps": 1})

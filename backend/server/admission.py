@@ -76,6 +76,17 @@ def write_upload(parts: dict[str, tuple[str, str, tuple]], path: str) -> None:
             Path(file).unlink(missing_ok=True)
 
 
+def check_body(msg: Message) -> None:
+    """The submit's shape, cheap to check: its pipeline's name, a batch's prompts, arrays only with a mesh pipeline."""
+    pipeline = msg.body.get("pipeline")
+    if not isinstance(pipeline, str) or pipeline not in SPECS:
+        raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    if msg.body.get("prompts") is not None:
+        BatchSpec(prompts=msg.body["prompts"], pipeline=pipeline).validate()
+    if msg.arrays and pipeline not in UPLOADED_MESH_FIELD:
+        raise InvalidInputError("arrays: only refine and generate take an uploaded mesh", field="arrays")
+
+
 class Tokenizers:
     """Each preset's tokenizer, loaded once on the loader thread (again after a failed load: the model
     files may have been fixed since). Used by the loop (``hello``) and the admission thread."""
@@ -131,13 +142,8 @@ class Admission:
         key = body.get("key")
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_ID_CHARS):
             raise InvalidInputError(f"key: must be a string of 1..{MAX_ID_CHARS} characters, got {key!r}", field="key")
-        pipeline = body.get("pipeline")
-        if not isinstance(pipeline, str) or pipeline not in SPECS:
-            raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
-        if body.get("prompts") is not None:
-            BatchSpec(prompts=body["prompts"], pipeline=pipeline).validate()
-        if msg.arrays and pipeline not in UPLOADED_MESH_FIELD:
-            raise InvalidInputError("arrays: only refine and generate take an uploaded mesh", field="arrays")
+        if key is None:  # a keyed submit may be a resend, answered by its key alone (on the admission thread)
+            check_body(msg)
         self._thread.submit(self._run, _Submit(peer, owner, msg))
 
     def replies(self) -> list[tuple[bytes, Message]]:
@@ -164,9 +170,11 @@ class Admission:
 
     def _admit(self, sub: _Submit) -> Message:
         body = sub.msg.body
-        key, pipeline, prompts = body.get("key"), body["pipeline"], body.get("prompts")
+        key = body.get("key")
         if key is not None and (made := self.store.submitted(key)) is not None:
             return ok(sub.msg, {"jobs": made[0], "batch": made[1]})  # a resent submit: the jobs it made, once
+        check_body(sub.msg)
+        pipeline, prompts = body["pipeline"], body.get("prompts")
         self.store.check_space()  # a (nearly) full disk: refused before anything is written
         count = len(prompts) if prompts is not None else 1
         self._check_queue(sub.owner, count)
