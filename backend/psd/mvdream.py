@@ -27,7 +27,7 @@ import yaml
 
 from protocol.errors import InvalidInputError, ModelNotFoundError
 from backend.psd.loading import Layout, file_path, load_or_explain
-from backend.psd.prior import DiffusionPrior, PriorSource, at_least_fp32, load_prior_parts
+from backend.psd.prior import DiffusionPrior, PriorSource, at_least_fp32, load_prior_parts, module_dtype
 
 NUM_FRAMES = 4  # MVDream's 4-view model (sd-v2.1-base-4view)
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -353,7 +353,8 @@ class MultiViewPrior(DiffusionPrior):
         None -> (N·F,C,h,w) float32, F = ``num_frames``. Runs in the model's dtype as
         :meth:`DiffusionPrior.predict_eps` does; gradients flow to ``cond`` and ``x_t``."""
         unet = self.active_unet()
-        span = self._span(unet.dtype)
-        out = unet(span.inputs(x_t).to(unet.dtype), t.to(self.device), span.inputs(cond).to(unet.dtype),
+        dtype = module_dtype(unet)
+        span = self._span(dtype)
+        out = unet(span.inputs(x_t).to(dtype), t.to(self.device), span.inputs(cond).to(dtype),
                    None if camera is None else camera.to(self.device), self.num_frames)
         return span.output(at_least_fp32(out))

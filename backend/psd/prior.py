@@ -56,6 +56,12 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def module_dtype(module) -> torch.dtype:
+    """The dtype of ``module``'s first parameter. diffusers' ``ModelMixin.dtype`` and ``.device``
+    walk the module tree on every read (7 ms a read on the tiny UNet, a quarter of an SDS step)."""
+    return next(module.parameters()).dtype
+
+
 def half_grad_scale(grad: torch.Tensor, peak: float) -> torch.Tensor:
     """The power of two that brings the largest magnitude in ``grad`` into [peak/2, peak): a 0-d
     float32 tensor on ``grad``'s device (no host sync); 1 where ``grad`` is all zero or not finite."""
@@ -229,11 +235,11 @@ class DiffusionPrior:
     # -- properties ------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return module_dtype(self.unet)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -267,9 +273,9 @@ class DiffusionPrior:
         Runs in the model's dtype and returns float32; gradients flow to ``cond`` and
         ``x_t`` when they require them (model weights are frozen)."""
         unet = self.active_unet()
-        span = self._span(unet.dtype)
-        out = unet(span.inputs(x_t).to(unet.dtype), t.to(self.device),
-                   encoder_hidden_states=span.inputs(cond).to(unet.dtype)).sample
+        dtype = module_dtype(unet)
+        span = self._span(dtype)
+        out = unet(span.inputs(x_t).to(dtype), t.to(self.device), encoder_hidden_states=span.inputs(cond).to(dtype)).sample
         return span.output(at_least_fp32(out))
 
     @contextmanager
@@ -291,7 +297,7 @@ class DiffusionPrior:
 
     def _active(self, name: str):
         module = getattr(self, name)
-        if self._float32_depth == 0 or module.dtype == torch.float32:
+        if self._float32_depth == 0 or module_dtype(module) == torch.float32:
             return module
         if name not in self._float32_copies:
             self._float32_copies[name] = copy.deepcopy(module).float().requires_grad_(False)
@@ -321,8 +327,9 @@ class DiffusionPrior:
         is shrunk once, in pixel space. ``tiny`` uses AutoencoderTiny when the prior has one."""
         if tiny and self.tiny_decoder is not None:
             taesd = self._active("tiny_decoder")
-            span = self._span(taesd.dtype)
+            dtype = module_dtype(taesd)
+            span = self._span(dtype)
             sf = float(taesd.config.scaling_factor)
-            images = taesd.decode((span.inputs(latents) / sf).to(taesd.dtype)).sample
+            images = taesd.decode((span.inputs(latents) / sf).to(dtype)).sample
             return ((span.output(at_least_fp32(images)) + 1) / 2).clamp(0, 1)
         return self.decode_latents(latents)
