@@ -51,3 +51,30 @@ def stop_after():
             return count["n"] > n_polls
         return should_stop
     return make
+
+
+@pytest.fixture
+def serve_process():
+    """A factory that starts ``psd3d serve --data DATA [args]`` in its own process on an ephemeral
+    loopback port: ``start(data, *args, env=None) -> (process, endpoint)``, once it listens. Its stderr
+    is drained on a thread (a full pipe would block the server); any process left is killed at the end."""
+    import subprocess
+    import sys
+    import threading
+
+    started = []
+
+    def start(data, *args: str, env: dict | None = None):
+        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:*",
+                                 "--data", str(data), *args], stderr=subprocess.PIPE, text=True, env=env)
+        started.append(proc)
+        line = proc.stderr.readline()
+        assert "listening on" in line, line
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        return proc, line.split("listening on ")[1].split(",")[0]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

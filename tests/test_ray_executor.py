@@ -178,15 +178,9 @@ def test_a_stopped_serve_puts_its_running_job_back_in_the_queue_and_frees_its_gp
     _wait(lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)  # its actors are gone
 
 
-def _serve_ray(data, address):
-    """``psd3d serve --executor ray`` in its own process, joined to the test cluster (its token in the env)."""
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:*", "--data",
-                             str(data), "--executor", "ray", "--ray-address", address, "--ray-workers", "1"],
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE"))
-    line = proc.stderr.readline()
-    assert "listening on" in line, line
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain Ray's log lines
-    return proc, line.split("listening on ")[1].split(",")[0]
+def _ray_serve_args(address: str) -> tuple[str, ...]:
+    """``psd3d serve --executor ray`` joined to the test cluster (its token in the env), one worker."""
+    return ("--executor", "ray", "--ray-address", address, "--ray-workers", "1")
 
 
 def _worker_pid(client) -> int:
@@ -194,14 +188,15 @@ def _worker_pid(client) -> int:
     return client.hello()["worker"]["workers"][0]["pid"]
 
 
-def test_a_serve_killed_mid_job_takes_its_actors_along_and_its_restart_redispatches(tmp_path, ray_cluster, ray_server):
+def test_a_serve_killed_mid_job_takes_its_actors_along_and_its_restart_redispatches(tmp_path, ray_cluster, ray_server,
+                                                                                     serve_process):
     """kill -9 of the serve process: its (non-detached) actors die with their owner, so nothing writes the
     job's folder any more; the restarted serve requeues the job onto a new actor, which resumes it."""
     ray_server.stop_and_wait()  # both GPUs free for this test's own serve processes
     _wait(lambda: ray_cluster.available_resources().get("GPU") == 2, timeout=60)
     upload = _ball_upload(tmp_path)
     address = ray_cluster.get_runtime_context().gcs_address
-    proc, endpoint = _serve_ray(tmp_path / "data", address)
+    proc, endpoint = serve_process(tmp_path / "data", *_ray_serve_args(address))
     try:
         with Client(endpoint, timeout=60) as client:
             (job,) = client.submit("refine", REFINE, mesh=upload)
@@ -219,7 +214,7 @@ def test_a_serve_killed_mid_job_takes_its_actors_along_and_its_restart_redispatc
                 return True
             return False
         _wait(gone, timeout=60)
-        proc, endpoint = _serve_ray(tmp_path / "data", address)
+        proc, endpoint = serve_process(tmp_path / "data", *_ray_serve_args(address))
         with Client(endpoint, timeout=60) as client:
             events = list(client.watch(job))
             assert isinstance(events[-1][1], Done) and client.status(job)["state"] == "done"

@@ -151,18 +151,7 @@ def test_non_loopback_bind_without_keys_is_refused():
     check_bind("ipc:///tmp/psd3d.sock", None)
 
 
-def _start_serve(data, env):
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", "tcp://127.0.0.1:*", "--data", str(data)],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stderr.readline()
-    assert "listening on" in line, line
-    return proc, line.split("listening on ")[1].split(",")[0]
-
-
-def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tiny, psd3d_home):
+def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tiny, psd3d_home, serve_process):
     """The CLI server is killed hard mid-job; on restart the job resumes from its checkpoint and its
     texture equals an uninterrupted run's, byte for byte."""
     import os
@@ -183,7 +172,7 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tin
               "uvs": ball.uvs.numpy(), "texture": ball.texture}
     assert isinstance(reference, Done)
     env = dict(os.environ, PSD3D_HOME=psd3d_home, MKL_DYNAMIC="FALSE", OMP_DYNAMIC="FALSE")
-    proc, endpoint = _start_serve(tmp_path / "data", env)
+    proc, endpoint = serve_process(tmp_path / "data", env=env)
     try:
         with Client(endpoint, timeout=60) as client:
             (job,) = client.submit("refine", spec, mesh=upload)
@@ -192,7 +181,7 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_result(tmp_path, tin
                     break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        proc, endpoint = _start_serve(tmp_path / "data", env)
+        proc, endpoint = serve_process(tmp_path / "data", env=env)
         with Client(endpoint, timeout=60) as client:
             steps = [e.step for _, e in client.watch(job) if isinstance(e, Progress)]
             assert client.status(job)["state"] == "done"

@@ -4,66 +4,43 @@ earlier stage runs again, no step is skipped, one ``done``, and the result is a 
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 from protocol.client import Client
 from protocol.events import Done, Failed, MeshSnapshot, Progress
 from protocol.specs import job_stages
 from backend.geometry.mesh import load_mesh
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-def _serve(folder: Path, home: str) -> subprocess.Popen:
-    sock = folder / "psd.sock"
-    sock.unlink(missing_ok=True)
-    env = dict(os.environ, PSD3D_HOME=home, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--bind", f"ipc://{sock}",
-                             "--data", str(folder / "data"), "--preset", "tiny"],
-                            env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
-    while not sock.exists() and proc.poll() is None and time.monotonic() - t0 < 300:
-        time.sleep(0.2)
-    assert sock.exists(), "psd3d serve did not start"
-    return proc
-
-
-def test_a_kill_in_each_stage_resumes_that_stage(tmp_path, psd3d_home):
-    address = f"ipc://{tmp_path}/psd.sock"
+def test_a_kill_in_each_stage_resumes_that_stage(tmp_path, psd3d_home, serve_process):
+    env = dict(os.environ, PSD3D_HOME=psd3d_home, HF_HUB_OFFLINE="1")
     stages = job_stages("mvdream-dmtet")
     seen: list[tuple[int, object]] = []
-    proc = _serve(tmp_path, psd3d_home)
-    try:
+    proc, address = serve_process(tmp_path / "data", "--preset", "tiny", env=env)  # killed at the end by the fixture
+    with Client(address, timeout=60) as client:
+        (job,) = client.submit("generate", {"prompt": "a wooden stool", "recipe": "mvdream-dmtet", "preset": "tiny",
+                                            "steps": STEPS, "seed": 5})
+    for stage in stages:  # kill once the stage has taken two steps, then start again
         with Client(address, timeout=60) as client:
-            (job,) = client.submit("generate", {"prompt": "a wooden stool", "recipe": "mvdream-dmtet", "preset": "tiny",
-                                                "steps": STEPS, "seed": 5})
-        for stage in stages:  # kill once the stage has taken two steps, then start again
-            with Client(address, timeout=60) as client:
-                for seq, event in client.watch(job, after=seen[-1][0] if seen else 0):
-                    seen.append((seq, event))
-                    if isinstance(event, Progress) and event.stage == stage and event.step >= 2:
-                        break
-                    assert not isinstance(event, (Done, Failed)), event
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-            proc = _serve(tmp_path, psd3d_home)
-        with Client(address, timeout=60) as client:
-            seen += list(client.watch(job, after=seen[-1][0]))
-            assert client.status(job)["state"] == "done"
-    finally:
+            for seq, event in client.watch(job, after=seen[-1][0] if seen else 0):
+                seen.append((seq, event))
+                if isinstance(event, Progress) and event.stage == stage and event.step >= 2:
+                    break
+                assert not isinstance(event, (Done, Failed)), event
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+        proc, address = serve_process(tmp_path / "data", "--preset", "tiny", env=env)
+    with Client(address, timeout=60) as client:
+        seen += list(client.watch(job, after=seen[-1][0]))
+        assert client.status(job)["state"] == "done"
     # each event once, in order, across four server processes (snapshots are latest-only, unsequenced)
     seqs = [seq for seq, e in seen if isinstance(e, (Progress, Done, Failed))]
     assert seqs == sorted(set(seqs))
     progress = [e for _, e in seen if isinstance(e, Progress)]
     order = [stages.index(e.stage) for e in progress]
     assert order == sorted(order) and set(order) == {0, 1, 2}  # no stage ran again after a later one began
-    for k, stage in enumerate(stages):
+    for stage in stages:
         steps = [e.step for e in progress if e.stage == stage]
         assert set(steps) == set(range(1, STEPS + 1)), (stage, steps)  # none skipped
         # a resumed stage repeats at most the steps since its last checkpoint, never goes back to its start twice

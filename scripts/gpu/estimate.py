@@ -14,8 +14,6 @@ check's 20-step runs leave the first step out."""
 
 from __future__ import annotations
 
-STAGE_SECTIONS = {"geometry": "geometry", "texture": "texture"}
-
 
 def _nerf_ms(nerf: dict, size: int) -> float:
     """Volume render + backward of one view at ``size``^2, from the nerf section's measured sizes:
@@ -35,9 +33,8 @@ def stage_seconds(preset, numbers: dict[str, dict]) -> dict[str, float]:
     """Seconds each stage of ``preset`` takes (its full step count), from a check's section numbers
     ``{section: {key: value}}``."""
     image2d = float(numbers["image2d"]["s_per_step"])
-    out = {stage: preset_steps * float(numbers[section]["s_per_step"])
-           for stage, section, preset_steps in (("geometry", "geometry", preset.geometry.steps),
-                                                ("texture", "texture", preset.texture.steps))}
+    out = {"geometry": preset.geometry.steps * float(numbers["geometry"]["s_per_step"]),
+           "texture": preset.texture.steps * float(numbers["texture"]["s_per_step"])}
     single = preset.single
     switch = int(single.size_switch * single.steps)
     views = getattr(single.cameras, "views", 1)
