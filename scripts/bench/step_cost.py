@@ -11,7 +11,9 @@ one step of every method, in an order rotated by one each round. PSD with interv
 pair step every k-th step, so a method's cost per step is taken over its complete k-cycles (the
 mean of k consecutive steps; a trailing incomplete cycle is dropped), and its ratio to SDS is
 taken per cycle against SDS's steps in the same rounds. Reported: the median over cycles with
-the interquartile range [q1, q3].
+the interquartile range [q1, q3]. On a CPU the same ratios are also taken over this process's
+CPU time (``time.process_time``, all its threads), which another process's load does not inflate:
+the last line then ends in ``cpu_<method>/sds=`` keys beside the wall-time ones.
 
 Shapes: ``tiny`` (the tiny preset's models) and ``sd21-shape`` (random weights with Stable
 Diffusion 2.1 base's UNet / VAE / text-encoder configs, TAESD's config, and an open_clip
@@ -232,12 +234,13 @@ class Runner:
             cams = MultiViewOrbit(views=views, width=side, height=side).sample(objects, torch.Generator().manual_seed(2))
             self.camera = mvdream_camera(torch.stack([c.c2w for c in cams])).to(device)
         self.steps = 0
-        self.times: list[float] = []  # one per timed step, in round order
+        self.times: list[float] = []  # wall seconds, one per timed step, in round order
+        self.cpu: list[float] = []  # this process's CPU seconds for the same steps (all its threads)
 
     def step(self, timed: bool = True) -> None:
         self.timers.current = self.label if timed else ""
         self.timers.sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         x_c = self.prior.encode_images(self.render)
         out = self.distiller.step(x_c, self.t, self.steps, camera=self.camera)
         with self.timers.region("backward (render)"):
@@ -246,12 +249,20 @@ class Runner:
         self.timers.sync()
         if timed:
             self.times.append(time.perf_counter() - start)
+            self.cpu.append(time.process_time() - cpu_start)
         self.steps += 1
 
     def cycles(self) -> list[range]:
         """The rounds of each complete k-cycle of timed steps."""
         k, n = self.interval, len(self.times)
         return [range(i, i + k) for i in range(0, n - n % k, k)]
+
+
+def ratio_to(runner: Runner, sds: Runner, clock: str = "times") -> tuple[float, float, float]:
+    """Quartiles of the runner's cost per step over SDS's in the same rounds, one value per k-cycle."""
+    mine, base = getattr(runner, clock), getattr(sds, clock)
+    return quartiles([statistics.fmean(mine[i] for i in c) / statistics.fmean(base[i] for i in c)
+                      for c in runner.cycles()])
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -337,9 +348,8 @@ def main() -> None:
         for runner in runners:
             cycles = runner.cycles()
             per_step = [statistics.fmean(runner.times[i] for i in c) for c in cycles]
-            vs_sds = [statistics.fmean(runner.times[i] for i in c) / statistics.fmean(sds.times[i] for i in c) for c in cycles]
             q = quartiles(per_step)
-            qr = quartiles(vs_sds)
+            qr = ratio_to(runner, sds)
             ratios[runner.label] = qr[1]
             parts = ", ".join(f"{k} {v / len(runner.times):.3f}" for k, v in
                               sorted(timers.total[runner.label].items(), key=lambda kv: -kv[1]))
@@ -350,8 +360,15 @@ def main() -> None:
                   f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
                   f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
                   f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
-        print(f"{prefix}: psd_k1/sds={ratios['psd_k1']:.2f} psd_k2/sds={ratios['psd_k2']:.2f} "
-              f"psd_k5/sds={ratios['psd_k5']:.2f} dreamdpo/sds={ratios['dreamdpo']:.2f}")
+        labels = ("psd_k1", "psd_k2", "psd_k5", "dreamdpo")
+        line = " ".join(f"{k}/sds={ratios[k]:.2f}" for k in labels)
+        if device.type == "cpu":  # CPU time: what this process computed, whatever else shares the machine
+            by_label = {r.label: r for r in runners}
+            cpu = {k: ratio_to(by_label[k], sds, "cpu") for k in labels}
+            print("  cpu time /sds median [q1, q3]: " + ", ".join(
+                f"{k} {q[1]:.2f}x [{q[0]:.2f}, {q[2]:.2f}]" for k, q in cpu.items()))
+            line += " " + " ".join(f"cpu_{k}/sds={q[1]:.2f}" for k, q in cpu.items())
+        print(f"{prefix}: {line}")
 
 
 if __name__ == "__main__":
