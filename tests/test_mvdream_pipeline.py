@@ -83,6 +83,51 @@ def test_paper_settings_come_from_mvdream_sd21_yaml():
     assert first.tolist() == [980] * 4  # min and max both start at 0.98
     late = torch.stack([s.schedule.sample(9000, 10000, 1, 1000, gen) for _ in range(200)])
     assert 20 <= int(late.min()) and int(late.max()) <= 500  # [0.02, 0.50] after 8000 of 10000 steps
+    # one t per step, shared by every view of every object (multiview_diffusion_guidance.py: t of shape [1])
+    assert all(len(set(s.schedule.sample(k, 10000, 8, 1000, gen).tolist())) == 1 for k in range(0, 10000, 500))
+    # loss.lambda_sparsity / lambda_opaque: 0.; no shading (appendix F.1), so the albedo is what MVDream sees
+    assert (s.sparsity, s.opaque, s.shading) == (0.0, 0.0, None)
+
+
+def test_shading_sparsity_and_opaque_options_reach_the_nerf_step(tmp_path, tiny, monkeypatch):
+    """-shading.yaml's Lambertian material and mvdream.py's sparsity / opaque terms, off in the paper's
+    settings, are options of the stage: a point light per view (one perturbation per object) reaches the
+    renderer, both terms reach the loss, and the shading draws come back from the checkpoint."""
+    from dataclasses import replace
+
+    from backend.models import load_multiview
+    from backend.pipelines import nerf_stage as ns
+    from backend.render.volume import PointLight, ShadingSchedule
+
+    settings = replace(PRESETS["tiny"].single, sparsity=0.5, opaque=0.25,
+                       shading=ShadingSchedule(ambient_only_steps=0, diffuse_prob=1.0))
+    prior = load_multiview(PRESETS["tiny"].models, device=tiny.prior.device, dtype=tiny.prior.dtype)
+    n0 = prior.encode_text(["blurry"])
+    seen = {"sparsity": 0, "opaque": 0}
+    real_render, real_sparsity, real_opaque = ns.render_volume, ns.sparsity_loss, ns.opaque_loss
+
+    def render(*args, **kwargs):
+        seen["light"] = kwargs["light"]
+        return real_render(*args, **kwargs)
+
+    def counted(name, fn):
+        def wrapped(opacity):
+            seen[name] += 1
+            return fn(opacity)
+        return wrapped
+
+    monkeypatch.setattr(ns, "render_volume", render)
+    monkeypatch.setattr(ns, "sparsity_loss", counted("sparsity", real_sparsity))
+    monkeypatch.setattr(ns, "opaque_loss", counted("opaque", real_opaque))
+    stage = ns.NerfStage(tiny, prior, "a mug", n0, settings, settings.guidance, 3, tmp_path, lambda p: p)
+    stage.update(settings.steps)
+    light = seen["light"]
+    assert isinstance(light, PointLight) and light.positions.shape == (4, 3)  # one object x 4 views
+    assert seen["sparsity"] == 1 and seen["opaque"] == 1
+    stage.save_checkpoint()
+    draws = [stage.shading_rng.random() for _ in range(3)]
+    again = ns.NerfStage(tiny, prior, "a mug", n0, settings, settings.guidance, 4, tmp_path, lambda p: p)
+    assert again.load_checkpoint() and [again.shading_rng.random() for _ in range(3)] == draws
 
 
 def test_three_stage_pipeline_runs_nerf_then_dmtet_then_texture(tmp_path, tiny):

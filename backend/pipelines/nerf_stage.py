@@ -11,6 +11,7 @@ every recipe's result comes out in the same optimisation frame."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,8 +35,9 @@ from backend.psd.prior import DiffusionPrior
 from backend.psd.schedule import MVDREAM_SCHEDULE, LinearAnnealSchedule, RandomAnnealedSchedule
 from backend.render.camera import MultiViewOrbit, OrbitSpec
 from backend.render.integral_noise import IntegralNoise, IntegralNoiseConfig
-from backend.render.volume import (EnvironmentMapBackground, OccupancyGrid, VolumeRender, VolumeRenderConfig,
-                                   camera_rays, orientation_loss, render_volume, z_variance_loss)
+from backend.render.volume import (EnvironmentMapBackground, OccupancyGrid, ShadingSchedule, VolumeRender,
+                                   VolumeRenderConfig, camera_rays, opaque_loss, orientation_loss, render_volume,
+                                   sample_point_lights, sparsity_loss, z_variance_loss)
 
 # mvdream-sd21.yaml system.prompt_processor.negative_prompt: the negative the config conditions on
 MVDREAM_NEGATIVE_PROMPT = (
@@ -83,6 +85,13 @@ class NerfSettings:
     orient: tuple[float, float] = (10.0, 1000.0)
     orient_ramp: float = 0.5
     z_variance: float = 0.0  # system.loss.lambda_z_variance: 0. (HiFA's term)
+    sparsity: float = 0.0  # system.loss.lambda_sparsity: 0. (mvdream.py loss_sparsity, volume.sparsity_loss)
+    opaque: float = 0.0  # system.loss.lambda_opaque: 0. (mvdream.py loss_opaque, volume.opaque_loss)
+    # Lambertian shading: -shading.yaml system.material (diffuse-with-point-light, ambient only for
+    # the first 5000 steps, ShadingSchedule's defaults), lights by threestudio's "dreamfusion" strategy
+    # with one perturbation per object (random_multiview.py). None: the albedo only, as appendix F.1
+    # runs the single stage (shading dropped for memory)
+    shading: ShadingSchedule | None = None
     normal_smooth: float = 0.0  # not in mvdream-sd21.yaml (the prolificdreamer system's 2D normal smoothness)
     negative_prompt: str = MVDREAM_NEGATIVE_PROMPT  # system.prompt_processor.negative_prompt (when the job gives none)
     view_prompts: bool = False  # guidance.view_dependent_prompting: false
@@ -163,6 +172,7 @@ class NerfStage(DistillationStage):
         self.multiview = isinstance(prior, MultiViewPrior)
         self.device = prior.device
         self.generator = torch.Generator().manual_seed(seed)
+        self.shading_rng = random.Random(seed)  # ShadingSchedule's draws (albedo / textureless / diffuse share)
         with torch.random.fork_rng(devices=[]):  # the same seed starts from the same weights
             torch.manual_seed(seed)
             self.field = NerfField(settings.nerf if start is None else start.field.config, self.device)
@@ -201,7 +211,11 @@ class NerfStage(DistillationStage):
         self.field.train(), self.background.train()
         self.occupancy.update(self.field.density, self.step, s.render.step_size, self.generator)
         orient = s.orient_weight(self.step, total)
-        render = render_volume(self.field, cams, s.render, background=self.background,
+        light = None
+        if s.shading is not None:
+            positions = sample_point_lights(cams, self.generator, views_per_object=self.distiller.views)
+            light = s.shading.light(self.step, positions, self.shading_rng)
+        render = render_volume(self.field, cams, s.render, background=self.background, light=light,
                                with_normals=orient > 0 or s.normal_smooth > 0,
                                occupancy=self.occupancy, generator=self.generator, device=self.device)
         images = render.rgb.permute(0, 3, 1, 2)
@@ -222,6 +236,10 @@ class NerfStage(DistillationStage):
             loss = loss + s.z_variance * z_variance_loss(render)
         if s.normal_smooth > 0:
             loss = loss + s.normal_smooth * normal_map_smoothness(render)
+        if s.sparsity > 0:
+            loss = loss + s.sparsity * sparsity_loss(render.opacity)
+        if s.opaque > 0:
+            loss = loss + s.opaque * opaque_loss(render.opacity)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -265,7 +283,8 @@ class NerfStage(DistillationStage):
                            "occupancy": self.occupancy.state_dict(), "optimizer": self.optimizer.state_dict(),
                            "negative": self.negative.value.detach().cpu(),
                            "negative_optimizer": self.negative.optimizer.state_dict(),
-                           "generator": self.generator.get_state(), "metrics": self.log.steps,
+                           "generator": self.generator.get_state(), "shading_rng": self.shading_rng.getstate(),
+                           "metrics": self.log.steps,
                            "topology_id": self.topology_id, "integral_noise": None if self.noise is None else self.noise.state_dict()},
                           self.checkpoint_path)
 
@@ -282,6 +301,8 @@ class NerfStage(DistillationStage):
             self.negative.value.copy_(state["negative"])
         self.negative.optimizer.load_state_dict(state["negative_optimizer"])
         self.generator.set_state(state["generator"].cpu())
+        if state.get("shading_rng") is not None:
+            self.shading_rng.setstate(state["shading_rng"])
         if self.noise is not None and state.get("integral_noise") is not None:
             self.noise.load_state_dict(state["integral_noise"])
         self.log.steps, self.step = state["metrics"], state["step"]
