@@ -346,3 +346,27 @@ def test_a_missing_checkpoint_names_the_fetch_command(tmp_path, monkeypatch):
     assert err.value.field == "preset.mvdream"
     assert fetch_command("MVDream/MVDream:sd-v2.1-base-4view.pt", Layout.FILE) in err.value.message
     assert str(tmp_path / "home" / "models" / "sd-v2.1-base-4view.pt") in err.value.message
+
+
+def test_psd3d_models_lists_the_tiny_twin_and_the_real_checkpoint(psd3d_home, capsys, tmp_path, monkeypatch):
+    """`psd3d models` as a user reads it: the tiny preset's MVDream twin (checkpoint and yaml) present
+    where ensure_tiny_models put it; the paper preset's sd-v2.1-base-4view.pt with its fetch command."""
+    from backend.cli import main as cli_main
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # an empty hub cache: the real file is missing
+    root = ensure_tiny_models()
+    assert cli_main(["models"]) == 0
+    sections, name = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line and not line.startswith(" ") and ": " in line and not line.startswith("model folder"):
+            name = line.split(":")[0]
+        elif name is not None:
+            sections.setdefault(name, []).append(line.strip())
+    tiny = sections["tiny"]
+    for role, file in (("mvdream", TINY_MVDREAM_CHECKPOINT), ("mvdream config", TINY_MVDREAM_CONFIG)):
+        row = next(i for i, line in enumerate(tiny) if line.split("  ")[0].strip() == role)
+        assert "[present" in tiny[row] and tiny[row + 1] == f"at {root / file}", tiny[row:row + 2]
+    paper = sections["sd21-paper"]
+    row = next(i for i, line in enumerate(paper) if line.split("  ")[0].strip() == "mvdream")
+    assert "MVDream/MVDream:sd-v2.1-base-4view.pt" in paper[row] and "[MISSING]" in paper[row]
+    assert paper[row + 1] == "fetch: " + fetch_command("MVDream/MVDream:sd-v2.1-base-4view.pt", Layout.FILE)
