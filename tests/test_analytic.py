@@ -140,8 +140,9 @@ def algorithm1_by_hand(theta, t, seed, gamma=WORLD.guidance_scale, full_form=Fal
 
 def distiller_step(theta, t, seed, negative=FIXED_N, **guidance):
     config = GuidanceConfig(guidance_scale=WORLD.guidance_scale, **guidance)
-    distiller = ScoreDistiller(WORLD.prior(), WORLD.target(), None, WORLD.y_embedding(),
-                               NegativeEmbedding(WORLD.n0_embedding(), negative), config, torch.Generator().manual_seed(seed))
+    distiller = ScoreDistiller(prior=WORLD.prior(), reward=WORLD.target(), text_features=None, y=WORLD.y_embedding(),
+                               negative=NegativeEmbedding(WORLD.n0_embedding(), negative), config=config,
+                               generator=torch.Generator().manual_seed(seed))
     return distiller.step(theta, t, 0)
 
 

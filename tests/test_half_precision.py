@@ -107,8 +107,9 @@ def test_the_config_runs_a_pair_steps_reward_path_in_float32_and_an_sds_step_hal
     for method, expected in ((Method.PSD, torch.float32), (Method.SDS, torch.bfloat16)):
         seen.clear()
         config = GuidanceConfig(method=method, float32_reward_path=True)
-        distiller = ScoreDistiller(prior, tiny.target_reward, feats, y, NegativeEmbedding(n), config,
-                                   torch.Generator().manual_seed(1))
+        distiller = ScoreDistiller(prior=prior, reward=tiny.target_reward, text_features=feats, y=y,
+                                   negative=NegativeEmbedding(n), config=config,
+                                   generator=torch.Generator().manual_seed(1))
         distiller.step(x_c, t, 0)
         assert seen and set(seen) == {expected}, (method, seen)
 

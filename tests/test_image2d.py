@@ -113,8 +113,9 @@ def test_step_structure_and_interval(tiny, method, interval, reuse):
     y = tiny.prior.encode_text(["a cup"])
     neg = NegativeEmbedding(tiny.prior.encode_text(["blurry"]), NegativeConfig())
     feats = tiny.target_reward.text_features("a cup")
-    d = ScoreDistiller(prior, tiny.target_reward, feats, y, neg, GuidanceConfig(method=Method(method), interval=interval, reuse_winner_forward=reuse),
-                       torch.Generator().manual_seed(0))
+    d = ScoreDistiller(prior=prior, reward=tiny.target_reward, text_features=feats, y=y, negative=neg,
+                       config=GuidanceConfig(method=Method(method), interval=interval, reuse_winner_forward=reuse),
+                       generator=torch.Generator().manual_seed(0))
     x = torch.randn(2, 4, 16, 16)  # two views
     n_before = neg.value.detach().clone()
     pairs = []
@@ -142,8 +143,10 @@ def test_step_structure_and_interval(tiny, method, interval, reuse):
 
 def test_nan_latent_is_a_numerical_error(tiny):
     y = tiny.prior.encode_text(["a cup"])
-    d = ScoreDistiller(tiny.prior, tiny.target_reward, tiny.target_reward.text_features("a cup"), y,
-                       NegativeEmbedding(y.clone()), GuidanceConfig(), torch.Generator().manual_seed(0))
+    d = ScoreDistiller(prior=tiny.prior, reward=tiny.target_reward,
+                       text_features=tiny.target_reward.text_features("a cup"), y=y,
+                       negative=NegativeEmbedding(y.clone()), config=GuidanceConfig(),
+                       generator=torch.Generator().manual_seed(0))
     x = torch.randn(1, 4, 16, 16)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NumericalError):
@@ -171,8 +174,9 @@ def test_reusing_the_winners_forward_gives_the_same_n_step_and_guidance(tiny):
     outs, ns = [], []
     for reuse in (True, False):
         neg = NegativeEmbedding(n0, NegativeConfig(lr=1e-2))
-        d = ScoreDistiller(tiny.prior, tiny.target_reward, feats, y, neg, GuidanceConfig(reuse_winner_forward=reuse),
-                           torch.Generator().manual_seed(0))
+        d = ScoreDistiller(prior=tiny.prior, reward=tiny.target_reward, text_features=feats, y=y, negative=neg,
+                           config=GuidanceConfig(reuse_winner_forward=reuse),
+                           generator=torch.Generator().manual_seed(0))
         outs.append(d.step(x, torch.tensor([300, 300]), 0))
         ns.append(neg.value.detach())
     torch.testing.assert_close(outs[0].grad, outs[1].grad, rtol=1e-4, atol=1e-5)

@@ -46,9 +46,9 @@ class StubReward:
 def make(method=Method.PSD, lr=0.0):
     y = torch.full((1, 2, 3), 0.2)
     negative = NegativeEmbedding(torch.full((1, 2, 3), -0.1), NegativeConfig(lr=lr))
-    return ScoreDistiller(StubMultiViewPrior(), StubReward(), None, y, negative,
-                          GuidanceConfig(method=method, guidance_scale=GAMMA, reuse_winner_forward=False),
-                          torch.Generator().manual_seed(5), views=VIEWS)
+    return ScoreDistiller(prior=StubMultiViewPrior(), reward=StubReward(), text_features=None, y=y, negative=negative,
+                          config=GuidanceConfig(method=method, guidance_scale=GAMMA, reuse_winner_forward=False),
+                          generator=torch.Generator().manual_seed(5), views=VIEWS)
 
 
 def inputs():
@@ -149,9 +149,10 @@ def test_mvdream_cfg_rescale_gives_its_x0_reconstruction_gradient():
 
     prior = StubMultiViewPrior()
     y, n = torch.full((1, 2, 3), 0.2), torch.full((1, 2, 3), -0.1)
-    d = ScoreDistiller(prior, StubReward(), None, y, NegativeEmbedding(n, NegativeConfig(lr=0.0)),
-                       GuidanceConfig(method=Method.SDS, guidance_scale=GAMMA, weighting=Weighting.RECON, cfg_rescale=0.5),
-                       torch.Generator().manual_seed(5), views=VIEWS)
+    d = ScoreDistiller(prior=prior, reward=StubReward(), text_features=None, y=y,
+                       negative=NegativeEmbedding(n, NegativeConfig(lr=0.0)),
+                       config=GuidanceConfig(method=Method.SDS, guidance_scale=GAMMA, weighting=Weighting.RECON, cfg_rescale=0.5),
+                       generator=torch.Generator().manual_seed(5), views=VIEWS)
     x0, t, camera = inputs()
     out = d.step(x0, t, step=0, camera=camera)
 

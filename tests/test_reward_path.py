@@ -46,8 +46,8 @@ def _ranked_x0(tiny, guidance: GuidanceConfig, x: torch.Tensor, t: torch.Tensor,
     """The one-step predictions of both samples that the reward ranked on a pair step."""
     prior = RecordingPrior(tiny.prior)
     neg = NegativeEmbedding(n0, NegativeConfig())
-    d = ScoreDistiller(prior, tiny.target_reward, tiny.target_reward.text_features("a cup"), y, neg, guidance,
-                       torch.Generator().manual_seed(0))
+    d = ScoreDistiller(prior=prior, reward=tiny.target_reward, text_features=tiny.target_reward.text_features("a cup"),
+                       y=y, negative=neg, config=guidance, generator=torch.Generator().manual_seed(0))
     d.step(x, t, 0)
     return prior.decoded[0]
 

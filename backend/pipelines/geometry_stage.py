@@ -90,8 +90,9 @@ class GeometryStage(DistillationStage):
         self.generator = torch.Generator().manual_seed(seed)
         self.views = ViewPrompts(prior, prompt)
         negative = NegativeEmbedding(negative_init, NegativeConfig(lr=0.0))  # SDS here: n stays fixed
-        self.distiller = ScoreDistiller(prior, models.target_reward, None, self.views.front, negative,
-                                        settings.guidance, self.generator)
+        self.distiller = ScoreDistiller(prior=prior, reward=models.target_reward, text_features=None,
+                                        y=self.views.front, negative=negative, config=settings.guidance,
+                                        generator=self.generator)
         self.cameras = settings.cameras.resized(settings.render_size, settings.render_size)
         # its own generator, so the run's RNG stream is unchanged by turning the noise on
         self.noise = None if settings.integral_noise is None else IntegralNoise(

@@ -65,7 +65,8 @@ def _run(spec: Image2dSpec, out: Path, models: LoadedModels | None, should_stop)
         n0 = prior.encode_text([negative_prompt], field="negative_prompt")
     negative = NegativeEmbedding(n0, settings.negative)
     text_features = target.text_features(spec.prompt)
-    distiller = ScoreDistiller(prior, target, text_features, y, negative, guidance, generator)
+    distiller = ScoreDistiller(prior=prior, reward=target, text_features=text_features, y=y, negative=negative,
+                               config=guidance, generator=generator)
 
     # 3. the latent theta ~ N(0, I) (Alg. 2 line 1), Adam
     size = settings.resolution // prior.vae_scale

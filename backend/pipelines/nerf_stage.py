@@ -192,8 +192,9 @@ class NerfStage(DistillationStage):
         self.reward_features = models.target_reward.text_features(prompt)
         self.views = ViewPrompts(prior, prompt) if settings.view_prompts else None
         y = prior.encode_text([prompt])
-        self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, y, self.negative, guidance,
-                                        self.generator, views=prior.num_frames if self.multiview else 1)
+        self.distiller = ScoreDistiller(prior=prior, reward=models.target_reward, text_features=self.reward_features,
+                                        y=y, negative=self.negative, config=guidance, generator=self.generator,
+                                        views=prior.num_frames if self.multiview else 1)
         # its own generator, so the run's RNG stream is unchanged by turning the noise on
         self.noise = None if settings.integral_noise is None else IntegralNoise(
             settings.integral_noise, torch.Generator().manual_seed(seed))

@@ -99,8 +99,9 @@ class TextureStage(DistillationStage):
         self.generator = torch.Generator().manual_seed(seed)
         self.views = ViewPrompts(prior, prompt)
         self.reward_features = models.target_reward.text_features(prompt)  # the reward sees the artist's prompt
-        self.distiller = ScoreDistiller(prior, models.target_reward, self.reward_features, self.views.front, self.negative,
-                                        guidance, self.generator)
+        self.distiller = ScoreDistiller(prior=prior, reward=models.target_reward, text_features=self.reward_features,
+                                        y=self.views.front, negative=self.negative, config=guidance,
+                                        generator=self.generator)
         self.positions = mesh.positions.to(self.device)
         self.faces = mesh.faces.to(self.device).int()
         self.uvs = mesh.uvs.to(self.device)

@@ -171,7 +171,8 @@ def distill_particles(world: ToyWorld, guidance, negative_config, particles: int
     theta = torch.nn.Parameter(torch.randn((particles, prior.dim, 1, 1), generator=generator))
     optimizer = torch.optim.Adam([theta], lr=world.lr)
     negative = NegativeEmbedding(world.n0_embedding(), negative_config)
-    distiller = ScoreDistiller(prior, reward, None, world.y_embedding(), negative, guidance, generator)
+    distiller = ScoreDistiller(prior=prior, reward=reward, text_features=None, y=world.y_embedding(),
+                               negative=negative, config=guidance, generator=generator)
     betas = []
     for i in range(steps):
         t = schedule.sample(i, steps, particles, prior.num_train_timesteps, generator)

@@ -149,12 +149,15 @@ def object_mean(r: torch.Tensor, views: int) -> torch.Tensor:
 class ScoreDistiller:
     """Per-run state and the step of Algorithm 1 (and its baselines).
 
-    ``views``: rows per object (MVDream: 4); the batch is G objects x ``views``, an object's
-    rows consecutive, as the multi-view prior wants them."""
+    Built by keyword only: ``prior`` and ``reward`` (the models), ``text_features`` (the
+    reward's prompt), ``y`` (the prompt embedding), ``negative`` (n and its optimiser),
+    ``config``, ``generator`` (the noisings' random draws), ``views``: rows per object (MVDream:
+    4); the batch is G objects x ``views``, an object's rows consecutive, as the multi-view prior
+    wants them."""
 
-    def __init__(self, prior, reward, text_features: torch.Tensor, y: torch.Tensor,
+    def __init__(self, *, prior, reward, text_features: torch.Tensor | None, y: torch.Tensor,
                  negative: NegativeEmbedding, config: GuidanceConfig, generator: torch.Generator,
-                 *, views: int = 1) -> None:
+                 views: int = 1) -> None:
         self.prior, self.reward, self.config = prior, reward, config
         self.text_features = text_features
         self.y = y  # (1,L,D)

@@ -117,7 +117,8 @@ class Case:
         image = self.image.clone().requires_grad_(True)
         negative = NegativeEmbedding(self.n, NegativeConfig(lr=0.0))
         guidance = GuidanceConfig(method=Method.SDS, guidance_scale=self.gamma)
-        distiller = ScoreDistiller(prior, self.reward, self.feats, self.y, negative, guidance, torch.Generator().manual_seed(1))
+        distiller = ScoreDistiller(prior=prior, reward=self.reward, text_features=self.feats, y=self.y,
+                                   negative=negative, config=guidance, generator=torch.Generator().manual_seed(1))
         x_c = prior.encode_images(image)
         out = distiller.step(x_c, torch.tensor([t], device=self.device), 0)
         distillation_loss(x_c, out.grad).backward()

@@ -219,8 +219,8 @@ class Runner:
         self.negative = NegativeEmbedding(n0, NegativeConfig())
         timers.wrap(self.negative, "ascend", "n backward + Adam")
         views = int(getattr(prior, "num_frames", 1))  # MVDream: 4 consecutive rows per object
-        self.distiller = ScoreDistiller(prior, reward, feats, y, self.negative, guidance, torch.Generator().manual_seed(0),
-                                        views=views)
+        self.distiller = ScoreDistiller(prior=prior, reward=reward, text_features=feats, y=y, negative=self.negative,
+                                        config=guidance, generator=torch.Generator().manual_seed(0), views=views)
         self.interval = guidance.interval if guidance.method is Method.PSD else 1
         side = size * prior.vae_scale
         rows = objects * views
