@@ -2,8 +2,13 @@
 Real loopback sockets; each test names the limit it holds the server to."""
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,8 @@ from protocol import messages, wire
 from protocol.client import Client, ServerError
 from protocol.wire import Message, decode, encode
 from backend.server.server import Server
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
@@ -256,3 +263,28 @@ def test_a_texture_sent_as_png_does_not_stall_another_clients_ping(tmp_path, tin
         assert kinds == [("texture", "png"), ("progress", None)], kinds
         assert latency < 1.5, f"a ping waited {latency:.2f} s behind a PNG encoding"
         watcher.close(0)
+
+
+def test_the_upload_writer_ends_when_its_server_is_killed(tmp_path):
+    """admission's spawned writer process must not outlive a server killed with SIGKILL."""
+    script = (
+        "import os, sys, multiprocessing\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from backend.server.admission import exit_with_parent\n"
+        "pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                           initializer=exit_with_parent, initargs=(os.getpid(), 0.1))\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    writer = int(server.stdout.readline())
+    server.kill()  # SIGKILL: no atexit, no pool shutdown
+    server.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{writer}").exists():
+        time.sleep(0.1)
+    alive = Path(f"/proc/{writer}").exists() and "Z" not in Path(f"/proc/{writer}/stat").read_text().split()[2]
+    if alive:
+        os.kill(writer, signal.SIGKILL)
+    assert not alive, "the writer process outlived its server"

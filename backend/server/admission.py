@@ -20,8 +20,10 @@ key (exactly once). Replies go back to the loop through :meth:`replies`, which s
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +60,19 @@ def error_reply(request_id: str, exc: Exception) -> Message:
     if isinstance(exc, Psd3dError):
         return error(request_id, exc)
     return error(request_id, Psd3dError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """The writer process's initializer: a daemon thread ends the process once ``parent`` is gone
+    (its parent pid changes). A pool worker otherwise outlives a server killed with SIGKILL, holding
+    its ~0.5 GiB of imports until the machine restarts."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def write_upload(parts: dict[str, tuple[str, str, tuple]], path: str) -> None:
@@ -262,7 +277,8 @@ class Admission:
 
     def _writer(self) -> ProcessPoolExecutor:
         if self._uploads is None:  # spawned (never forked: this process has threads and sockets)
-            self._uploads = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._uploads = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=exit_with_parent, initargs=(os.getpid(),))
         return self._uploads
 
     def _check_files(self, spec) -> None:
