@@ -29,22 +29,31 @@ def test_a_plain_serve_never_imports_ray():
     assert out.stdout.strip() == "False"
 
 
+OBJECT_STORE = 80 * 2**20  # per node (Ray's minimum is 75 MiB)
+
+
 @pytest.fixture(scope="module")
-def ray_cluster(psd3d_home):
-    # token authentication on, explicitly (Ray 2.60's default), with a token of this test's own; set before
-    # Ray is imported, which reads its configuration once
+def ray_auth():
+    """Token authentication on, explicitly (Ray 2.60's default), with a token of this module's own; set
+    before Ray is imported, which reads its configuration once. The Ray processes the tests start, and
+    their serve processes, inherit it."""
     saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, num_gpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    yield pytest.importorskip("ray")
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(psd3d_home, ray_auth):
+    ray = ray_auth
+    ray.init(num_cpus=2, num_gpus=2, object_store_memory=OBJECT_STORE, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 def _ray_server(data, **config):
@@ -227,3 +236,60 @@ def test_a_serve_killed_mid_job_takes_its_actors_along_and_its_restart_redispatc
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_node_leaving_mid_job_moves_its_job_to_another_nodes_gpu(tmp_path, ray_auth, tiny, serve_process):
+    """A multi-node cluster on this machine (``ray.cluster_utils.Cluster``): a head without GPUs, node A
+    with one. A job runs on A's actor; A leaves (every process of it killed) with no GPU left in the
+    cluster; node B joins with one. The job moves to an actor on B and resumes from its checkpoint: no step
+    past the checkpoint missing, one ``done``, the whole result."""
+    from ray.cluster_utils import Cluster
+
+    upload = _ball_upload(tmp_path)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+                                                            "object_store_memory": OBJECT_STORE})
+    proc = None
+    try:
+        node_a = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=OBJECT_STORE)
+        proc, endpoint = serve_process(tmp_path / "data", "--executor", "ray", "--ray-address", cluster.address)
+        with Client(endpoint, timeout=60) as client:
+            (job,) = client.submit("refine", REFINE, mesh=upload)
+            seen = []
+            for seq, event in client.watch(job):
+                if isinstance(event, Progress):
+                    seen.append((seq, event.step))
+                    if event.step >= 5:  # past the checkpoint at step 4
+                        break
+            (worker,) = client.hello()["worker"]["workers"]
+            assert worker["node"] == node_a.node_id and worker["job"] == job
+            cluster.remove_node(node_a, allow_graceful=False)
+            assert client.status(job)["state"] in ("running", "queued"), "the job ended before its node left"
+            node_b = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=OBJECT_STORE)
+            _wait(lambda: client.status(job)["state"] in ("done", "failed", "cancelled"), timeout=180)
+            (worker,) = client.hello()["worker"]["workers"]
+            assert worker["node"] == node_b.node_id and worker["state"] == "idle"
+            rest = list(client.watch(job, after=seen[-1][0]))
+            assert isinstance(rest[-1][1], Done) and client.status(job)["state"] == "done"
+            steps = [s for _, s in seen] + [e.step for _, e in rest if isinstance(e, Progress)]
+            # 1..k on node A, then once back to the checkpoint at step 4 and on to 8 on node B: no gap past it
+            back = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+            assert len(back) == 1, steps
+            on_a, on_b = steps[:back[0]], steps[back[0]:]
+            assert on_a == list(range(1, len(on_a) + 1)) and 5 <= len(on_a) < 8
+            assert on_b == list(range(5, 9))
+            _, files = client.result(job)
+        (tmp_path / "moved.glb").write_bytes(files["out.glb"])
+        from backend.geometry.mesh import load_mesh
+
+        assert load_mesh(tmp_path / "moved.glb").texture.shape[0] > 0  # the whole result, readable
+        store = JobStore(tmp_path / "data")
+        bodies = store.events_after(job, 0)
+        store.close()
+        assert [b["seq"] for b in bodies] == list(range(1, len(bodies) + 1))  # exactly once, in order
+        assert [b["kind"] for b in bodies].count("done") == 1 and bodies[-1]["kind"] == "done"
+        assert not list((tmp_path / "data").rglob(".*.tmp"))
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+        cluster.shutdown()

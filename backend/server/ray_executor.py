@@ -197,7 +197,8 @@ class RayExecutor:
     def health(self) -> dict:
         """The executor as ``hello`` and ``ping`` report it: every worker, where it runs and what it does."""
         workers = [{"name": lane.name, "state": lane.state, "job": lane.job, "host": lane.info.get("host"),
-                    "pid": lane.info.get("pid"), "gpus": lane.info.get("gpus", []), "error": lane.error} for lane in self.lanes]
+                    "node": lane.info.get("node"), "pid": lane.info.get("pid"), "gpus": lane.info.get("gpus", []),
+                    "error": lane.error} for lane in self.lanes]
         alive = any(t.is_alive() for t in self._threads) and any(w["state"] in ("idle", "busy") for w in workers)
         return {"executor": "ray", "alive": alive, "errors": self.errors, "last_error": self.last_error,
                 "min_free_bytes": MIN_FREE_BYTES, "workers": workers, "gpus": self.gpus,
