@@ -215,10 +215,10 @@ def _distiller(method, seed):
             self.seen.append(eps.clone())
             return super()._noising(x0, eps, a, s)
 
-    d = Recording(_StubPrior(), _StubReward(), None, torch.full((1, 2, 3), 0.2),
-                  NegativeEmbedding(torch.full((1, 2, 3), -0.1), NegativeConfig(lr=0.0)),
-                  GuidanceConfig(method=method, guidance_scale=7.5, reuse_winner_forward=False),
-                  torch.Generator().manual_seed(seed))
+    d = Recording(prior=_StubPrior(), reward=_StubReward(), text_features=None, y=torch.full((1, 2, 3), 0.2),
+                  negative=NegativeEmbedding(torch.full((1, 2, 3), -0.1), NegativeConfig(lr=0.0)),
+                  config=GuidanceConfig(method=method, guidance_scale=7.5, reuse_winner_forward=False),
+                  generator=torch.Generator().manual_seed(seed))
     d.seen = []
     return d
 
