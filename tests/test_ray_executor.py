@@ -56,6 +56,17 @@ def ray_cluster(psd3d_home, ray_auth):
     ray.shutdown()
 
 
+def _progress_until(client, job: str, step: int) -> list[tuple[int, int]]:
+    """(seq, step) of the job's progress events, watched until one reaches ``step``."""
+    seen = []
+    for seq, event in client.watch(job):
+        if isinstance(event, Progress):
+            seen.append((seq, event.step))
+            if event.step >= step:
+                break
+    return seen
+
+
 def _ray_server(data, **config):
     from backend.server.ray_executor import RayConfig, RayExecutor
 
@@ -115,12 +126,7 @@ def test_two_jobs_run_at_once_and_a_killed_worker_resumes_with_the_same_result(r
         workers = {client.status(j)["worker"] for j in (plain, killed)}
         assert len(workers) == 2 and all(w.startswith("ray-") for w in workers)
         assert {w["state"] for w in client.hello()["worker"]["workers"]} == {"busy"}
-        seen = []
-        for seq, event in client.watch(killed):
-            if isinstance(event, Progress):
-                seen.append((seq, event.step))
-                if event.step >= 6:  # past the checkpoint at step 4
-                    break
+        seen = _progress_until(client, killed, 6)  # past the checkpoint at step 4
         lane = next(lane for lane in ray_server.executor.lanes if lane.job == killed)
         os.kill(lane.info["pid"], signal.SIGKILL)  # the actor's process, mid-job
         rest = list(client.watch(killed, after=seen[-1][0]))
@@ -254,12 +260,7 @@ def test_a_node_leaving_mid_job_moves_its_job_to_another_nodes_gpu(tmp_path, ray
         proc, endpoint = serve_process(tmp_path / "data", "--executor", "ray", "--ray-address", cluster.address)
         with Client(endpoint, timeout=60) as client:
             (job,) = client.submit("refine", REFINE, mesh=upload)
-            seen = []
-            for seq, event in client.watch(job):
-                if isinstance(event, Progress):
-                    seen.append((seq, event.step))
-                    if event.step >= 5:  # past the checkpoint at step 4
-                        break
+            seen = _progress_until(client, job, 5)  # past the checkpoint at step 4
             (worker,) = client.hello()["worker"]["workers"]
             assert worker["node"] == node_a.node_id and worker["job"] == job
             cluster.remove_node(node_a, allow_graceful=False)
