@@ -89,8 +89,9 @@ def test_float32_reward_path_gives_float32s_negative_embedding_gradient(tiny, pr
 
 
 def test_the_config_runs_a_pair_steps_reward_path_in_float32_and_an_sds_step_half(tiny, bf16_prior):
-    """``GuidanceConfig.float32_reward_path``: every UNet call of a PSD pair step (eps(y), eps(n)
-    of both noisings, the n branch) runs the float32 copy; a plain SDS step stays bfloat16."""
+    """``GuidanceConfig.float32_reward_path``, on by default: every UNet call of a PSD pair step
+    (eps(y), eps(n) of both noisings, the n branch) runs the float32 copy; a plain SDS step stays
+    bfloat16."""
     prior = copy.copy(bf16_prior)
     seen = []
     plain = prior.predict_eps
@@ -106,7 +107,7 @@ def test_the_config_runs_a_pair_steps_reward_path_in_float32_and_an_sds_step_hal
     t = torch.tensor([500])
     for method, expected in ((Method.PSD, torch.float32), (Method.SDS, torch.bfloat16)):
         seen.clear()
-        config = GuidanceConfig(method=method, float32_reward_path=True)
+        config = GuidanceConfig(method=method)  # the default: the reward path in float32
         distiller = ScoreDistiller(prior=prior, reward=tiny.target_reward, text_features=feats, y=y,
                                    negative=NegativeEmbedding(n), config=config,
                                    generator=torch.Generator().manual_seed(1))

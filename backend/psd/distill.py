@@ -83,11 +83,14 @@ class GuidanceConfig:
     cfg_rescale: float = 0.0
     # On pair steps, run the UNet calls the reward sees (eps(y) and eps(n) of both noisings, and the
     # n branch of Eq. 13) and the reward's TAESD with float32 copies of a half prior's UNet and TAESD
-    # (prior.float32_reward_path): the
-    # half forward's rounding, times gamma s_t / a_t in x0, turns n's gradient away from float32's
-    # (cosine 0.93 in bfloat16, 0.987 in float16 on the tiny models; scripts/bench/half_precision.py).
-    # Plain SDS steps stay in the prior's dtype. No effect on a float32 prior.
-    float32_reward_path: bool = False
+    # (prior.float32_reward_path). On by default (issue 11's target, cosine >= 0.99 to float32's n
+    # gradient): all-half, the forward's rounding times gamma s_t / a_t in x0 turns n's gradient to
+    # cosine 0.987 (float16) / 0.931 (bfloat16), and float32 n-gradients taken at float16's eps(y) reach
+    # only 0.989, so no loss scaling or smaller float32 part can meet it; with the switch 0.999 / 0.993
+    # (scripts/bench/half_precision.py --shape tiny). Cost: the UNet's weights once more in float32
+    # (3.5 GB for SD 2.1) and float32 UNet calls on pair steps (step_cost.py's psd_k1_allhalf variant
+    # prints the ratio). Plain SDS steps stay in the prior's dtype. No effect on a float32 prior (CPU).
+    float32_reward_path: bool = True
 
     @property
     def reward_gamma(self) -> float:

@@ -10,14 +10,15 @@ Two gradients, each computed by the code the pipelines run, from the same inputs
   respect to the image fed to the VAE encoder: back through the encoder only.
 
 For each dtype and t: the cosine to float32's gradient, and the fraction of elements that are
-zero where float32's are not. Rows: ``fp16 unscaled`` is float16 with the prior's gradient
-rescaling off (``half_grad_peak=None``); ``fp16`` and ``bf16`` are the shipped code; ``fp32 @
-fp16 eps(y)`` is float32 throughout except ``eps(y)``, taken from the float16 prior — how far
-the float32 gradient itself moves when the point it is taken at moves by float16's forward
-rounding (amplified by (s_t / a_t)(gamma - 1) in x0), the bound no backward can beat.
-``fp16 f32 path`` and ``bf16 f32 path`` run the reward path — the UNet calls (eps(y) and the n
-branch) and TAESD — in float32 (``prior.float32_reward_path``, ``GuidanceConfig.float32_reward_path``),
-the VAE half. The last column: seconds per n gradient (mean over t) on this device.
+zero where float32's are not. Rows: ``fp16`` and ``bf16`` are the shipped code: a half prior whose
+pair steps run the reward path — the UNet calls (eps(y) and the n branch) and TAESD — in float32
+(``prior.float32_reward_path``; ``GuidanceConfig.float32_reward_path``, on by default), the VAE
+half. ``fp16 all-half`` and ``bf16 all-half`` switch that off; ``fp16 unscaled`` is all-half with
+the prior's gradient rescaling off too (``half_grad_peak=None``). ``fp32 @ fp16 eps(y)`` is
+float32 throughout except ``eps(y)``, taken from the float16 prior — how far the float32 gradient
+itself moves when the point it is taken at moves by float16's forward rounding (amplified by
+(s_t / a_t)(gamma - 1) in x0), the bound no all-half backward can beat.
+The last column: seconds per n gradient (mean over t) on this device.
 
 Where the rounding comes from (tiny, bfloat16, cosine at t = 400 / 700 / 950): float32 for a
 single part of the bfloat16 UNet leaves the cosine at 0.93..0.97 whichever part it is (conv_out and
@@ -169,10 +170,10 @@ def main() -> None:
 
     rows = {  # label -> (gradient kind, function of t)
         "n      fp16 unscaled": ("n", lambda t: unscaled(lambda: case.n_grad(fp16, t))),
-        "n      fp16": ("n", lambda t: case.n_grad(fp16, t)),
-        "n      bf16": ("n", lambda t: case.n_grad(bf16, t)),
-        "n      fp16 f32 path": ("n", lambda t: case.n_grad(fp16, t, float32_path=True)),
-        "n      bf16 f32 path": ("n", lambda t: case.n_grad(bf16, t, float32_path=True)),
+        "n      fp16": ("n", lambda t: case.n_grad(fp16, t, float32_path=True)),
+        "n      bf16": ("n", lambda t: case.n_grad(bf16, t, float32_path=True)),
+        "n      fp16 all-half": ("n", lambda t: case.n_grad(fp16, t)),
+        "n      bf16 all-half": ("n", lambda t: case.n_grad(bf16, t)),
         "n      fp32 @ fp16 eps(y)": ("n", lambda t: case.n_grad(priors["fp32"], t, eps_y_prior=fp16)),
         "n      fp32 @ bf16 eps(y)": ("n", lambda t: case.n_grad(priors["fp32"], t, eps_y_prior=bf16)),
         "render fp16 unscaled": ("render", lambda t: unscaled(lambda: case.render_grad(fp16, t))),
@@ -192,8 +193,8 @@ def main() -> None:
         seconds = sum(dt for _, dt in grads) / len(grads)
         print(f"  {label:26s}" + "".join(f"{c:10.4f} {z:6.1%}" for c, z in results[label]) + f"   {seconds:6.2f}", flush=True)
     summary = []
-    for name in ("fp16", "bf16", "fp16 f32 path", "bf16 f32 path"):
-        cells, key = results[f"n      {name}"], name.replace(" f32 path", "_f32path")
+    for name in ("fp16", "bf16", "fp16 all-half", "bf16 all-half"):
+        cells, key = results[f"n      {name}"], name.replace(" all-half", "_allhalf")
         summary += [f"n_grad_cos_min_{key}={min(c for c, _ in cells):.4f}", f"n_grad_zero_max_{key}={max(z for _, z in cells):.4f}"]
     print(" ".join(summary))
 

@@ -323,6 +323,7 @@ def main() -> None:
         ("psd_k1_recompute", prior, replace(base, interval=1, reuse_winner_forward=False)),
         ("psd_k1_fullvae", prior, replace(base, interval=1, decode=replace(base.decode, tiny=False))),
         ("psd_k1_latent28", ShrunkLatentPrior(prior), replace(base, interval=1)),
+        ("psd_k1_allhalf", prior, replace(base, interval=1, float32_reward_path=False)),  # a half prior only
     ]
     if args.no_variants:
         methods = methods[:5]
@@ -359,7 +360,9 @@ def main() -> None:
             print(f"  (variants of psd_k1 / psd_k1: n-gradient recomputed instead of reusing the winner's forward "
                   f"{ratios['psd_k1_recompute'] / ratios['psd_k1']:.2f}x; full VAE decoder on the reward path "
                   f"{ratios['psd_k1_fullvae'] / ratios['psd_k1']:.2f}x; the old reward path, latent shrunk to 28x28 "
-                  f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x)")
+                  f"before TAESD, {ratios['psd_k1_latent28'] / ratios['psd_k1']:.2f}x; the reward path in the prior's half "
+                  f"precision instead of float32 (GuidanceConfig.float32_reward_path=False; 1.00 on a float32 prior) "
+                  f"{ratios['psd_k1_allhalf'] / ratios['psd_k1']:.2f}x)")
         labels = ("psd_k1", "psd_k2", "psd_k5", "dreamdpo")
         line = " ".join(f"{k}/sds={ratios[k]:.2f}" for k in labels)
         if device.type == "cpu":  # CPU time: what this process computed, whatever else shares the machine
