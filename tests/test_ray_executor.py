@@ -5,6 +5,7 @@ checkpoint and ends with the uninterrupted run's result; cancel and finish; a se
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -119,6 +120,9 @@ def test_two_jobs_run_at_once_and_a_killed_worker_resumes_with_the_same_result(r
         hello = client.hello()
         assert hello["worker"]["executor"] == "ray" and hello["worker"]["gpus"] == 2
         assert [w["name"] for w in hello["worker"]["workers"]] == ["ray-0", "ray-1"]
+        # the device is the workers' (fake GPUs: torch sees none there), not the serve process's own
+        _wait(lambda: all(w["state"] == "idle" for w in client.hello()["worker"]["workers"]))
+        assert client.hello()["device"] == f"ray: cpu on {socket.gethostname()} x2"
         (plain,) = client.submit("refine", REFINE, mesh=upload)
         (killed,) = client.submit("refine", REFINE, mesh=upload)
         # both run at once, each on its own actor

@@ -79,6 +79,9 @@ class IdleExecutor:
     def worker_of(self, job_id):
         return None
 
+    def device_name(self) -> None:
+        return None
+
     def cancel_queued(self, job_id) -> bool:
         return False
 

@@ -162,6 +162,10 @@ class LocalExecutor:
         return {"executor": "local", "alive": self._thread.is_alive(), "errors": self.errors,
                 "last_error": self.last_error, "min_free_bytes": MIN_FREE_BYTES}
 
+    def device_name(self) -> str | None:
+        """What jobs run on, for ``hello``: None, the serve process's own device (the server describes it)."""
+        return None
+
     def worker_of(self, job_id: str) -> str | None:
         """The worker running ``job_id`` (what ``status`` shows), None when it is not running here."""
         return "local" if self.current == job_id else None

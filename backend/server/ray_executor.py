@@ -31,6 +31,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -80,9 +81,13 @@ class JobWorker:
         self.jobs_run = 0
 
     def ready(self, data_root: str) -> dict:
-        """Where this actor runs, and the server's share probe as this node reads it (None: not mounted)."""
+        """Where this actor runs, its device, and the server's share probe as this node reads it (None: not
+        mounted)."""
+        from backend.models import describe_device  # torch, on the worker only
+
         probe = Path(data_root) / SHARE_PROBE
         return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "device": describe_device(),
                 "gpus": [str(g) for g in ray.get_gpu_ids()], "probe": probe.read_text() if probe.is_file() else None,
                 "jobs_run": self.jobs_run}
 
@@ -203,6 +208,14 @@ class RayExecutor:
         return {"executor": "ray", "alive": alive, "errors": self.errors, "last_error": self.last_error,
                 "min_free_bytes": MIN_FREE_BYTES, "workers": workers, "gpus": self.gpus,
                 "address": self.config.address or "local"}
+
+    def device_name(self) -> str:
+        """What jobs run on, for ``hello``: each started worker's device and host, alike ones counted
+        ("ray: cuda:0 (NVIDIA H100 80GB HBM3) on gpu-a x2, ..."); "starting" before the first is up."""
+        named = Counter(f"{lane.info['device']} on {lane.info['host']}" for lane in self.lanes if lane.info.get("device"))
+        if not named:
+            return "starting"
+        return "ray: " + ", ".join(name if count == 1 else f"{name} x{count}" for name, count in named.items())
 
     def worker_of(self, job_id: str) -> str | None:
         for lane in self.lanes:

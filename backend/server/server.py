@@ -272,6 +272,10 @@ class Server:
         return self.tokenizers.get(preset)
 
     def _device_name(self) -> str:
+        """The executor's workers' devices (Ray), or this process's own (loaded off the loop once)."""
+        named = self.executor.device_name()
+        if named is not None:
+            return named
         if self._device is None:
             from backend.models import describe_device
 
