@@ -4,6 +4,7 @@ client commands (``submit``, ``watch``, ``status``, ``cancel``, ``finish``, ``re
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,9 +16,7 @@ def _image2d(args: argparse.Namespace) -> int:
 
     quiet_libraries()
 
-    spec = Image2dSpec(prompt=args.prompt, method=args.method, reward=args.reward, preset=args.preset, steps=args.steps, seed=args.seed,
-                       negative_prompt=args.negative_prompt, negative_embedding=args.negative_embedding,
-                       guidance_scale=args.guidance_scale, reward_scale=args.reward_scale, interval=args.interval)
+    spec = Image2dSpec(**_spec_fields(args))
     print(f"psd3d image2d: {spec.method} on {spec.preset!r}, loading models…", file=sys.stderr)
     return _consume(run_image2d(spec, args.out), spec.method)
 
@@ -28,17 +27,11 @@ def _mesh3d(args: argparse.Namespace) -> int:
     from backend.pipelines.mesh3d import run_generate, run_refine
 
     quiet_libraries()
-    common = dict(prompt=args.prompt, method=args.method, reward=args.reward, preset=args.preset, steps=args.steps, seed=args.seed,
-                  negative_prompt=args.negative_prompt, negative_embedding=args.negative_embedding,
-                  guidance_scale=args.guidance_scale, reward_scale=args.reward_scale, interval=args.interval)
+    fields = _spec_fields(args)  # run here, the mesh is read from its path
     if args.command == "refine":
-        events = run_refine(RefineSpec(mesh=str(args.mesh), max_t=args.max_t, rasterizer=args.rasterizer, **common),
-                            args.out, resume=args.resume)
+        events = run_refine(RefineSpec(mesh=str(args.mesh), **fields), args.out, resume=args.resume)
     else:
-        init = str(args.init_mesh) if args.init_mesh else None
-        recipe = {"recipe": args.recipe} if args.recipe else {}
-        spec = GenerateSpec(init_mesh=init, init_mesh_through_coarse=args.init_mesh_through_coarse,
-                            rasterizer=args.rasterizer, **recipe, **common)
+        spec = GenerateSpec(init_mesh=str(args.init_mesh) if args.init_mesh else None, **fields)
         events = run_generate(spec, args.out, resume=args.resume)
     print(f"psd3d {args.command}: {args.method} on {args.preset!r}, loading models…", file=sys.stderr)
     return _consume(events, args.method, spec.stages if args.command == "generate" else ())
@@ -107,12 +100,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _spec_fields(args: argparse.Namespace) -> dict:
-    """The flags as spec fields (the pipeline's spec dataclass names them; its mesh travels as arrays).
-    For a server, ``--negative-embedding`` names a finished job (its id)."""
+    """The flags as spec fields, for ``psd3d <pipeline>`` and ``psd3d submit <pipeline>`` alike: the
+    pipeline's spec dataclass names them (``spec_field_names``), a flag not given leaves the spec's
+    default; the mesh is not among them (sent as arrays, or read from its path here). For a server,
+    ``--negative-embedding`` names a finished job (its id)."""
     from protocol.messages import UPLOADED_MESH_FIELD, spec_field_names
 
-    keys = [k for k in spec_field_names(args.pipeline) if k != UPLOADED_MESH_FIELD.get(args.pipeline)]
+    pipeline = getattr(args, "pipeline", None) or args.command
+    keys = [k for k in spec_field_names(pipeline) if k != UPLOADED_MESH_FIELD.get(pipeline)]
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _camera_rig(path: str) -> dict:
+    """``--cameras FILE``: the spec's camera rig from a JSON file (checked with the spec)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read a camera rig from {path}: {exc}") from exc
 
 
 def _mesh_upload(args: argparse.Namespace) -> dict | None:
@@ -283,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reward-scale", type=float, default=None, help="k_r in sigmoid(k_r (r_l - r_w))")
         p.add_argument("--interval", type=int, default=None, help="run the pair and the n update every k-th step")
 
+    def cameras(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cameras", type=_camera_rig, default=None, metavar="FILE",
+                       help='a JSON camera rig: {"orbit": {"elevation": [lo, hi], ...}} or {"matrices": [[16 numbers], '
+                            '...], "fov_y": [deg, ...]} (docs/protocol.md, Specs); default: the preset\'s orbit')
+
     def rasterizer(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rasterizer", choices=RASTERIZERS, default=None,
                        help="default: nvdiffrast on CUDA when it builds, else torch. nvdiffrast's licence is "
@@ -304,22 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refine strength: the largest noise level, a fraction of the diffusion schedule "
                             "(default 0.404, the paper's texture stage; lower keeps more of your texture)")
 
+    def pipeline_flags(p: argparse.ArgumentParser, name: str) -> None:
+        """A pipeline's own flags (and its mesh), for running it here and for submitting it alike."""
+        if name == "generate":
+            recipe(p)
+            p.add_argument("--init-mesh", type=Path, default=None, help="a blocked-out mesh to start from (kept in its frame)")
+            through_coarse(p)
+        if name == "refine":
+            p.add_argument("--mesh", type=Path, required=True, help="GLB/glTF/OBJ/PLY file")
+            max_t(p)
+        if name != "image2d":
+            rasterizer(p)
+            cameras(p)
+
     p = sub.add_parser("image2d", help="the 2D experiment (Algorithm 2): optimise one image by PSD, SDS or DreamDPO")
     common(p)
     p.set_defaults(run=_image2d)
     g = sub.add_parser("generate", help="text to a textured mesh (--recipe: DMTet + texture stage, or MVDream's single stage)")
     common(g)
-    recipe(g)
-    g.add_argument("--init-mesh", type=Path, default=None, help="a blocked-out mesh to start from (kept in its frame)")
-    through_coarse(g)
-    rasterizer(g)
+    pipeline_flags(g, "generate")
     g.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     g.set_defaults(run=_mesh3d)
     r = sub.add_parser("refine", help="re-texture a mesh (its UVs kept; its texture the start)")
     common(r)
-    r.add_argument("--mesh", type=Path, required=True, help="GLB/glTF/OBJ/PLY file")
-    max_t(r)
-    rasterizer(r)
+    pipeline_flags(r, "refine")
     r.add_argument("--resume", action="store_true", help="continue an interrupted job in --out from its checkpoint")
     r.set_defaults(run=_mesh3d)
 
@@ -351,15 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         server_arg(sp)
         sp.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
         sp.add_argument("--prompts-file", type=Path, default=None, help="a batch: one job per line of this file")
-        if name == "generate":
-            recipe(sp)
-            sp.add_argument("--init-mesh", type=Path, default=None)
-            through_coarse(sp)
-            rasterizer(sp)
-        if name == "refine":
-            sp.add_argument("--mesh", type=Path, required=True)
-            max_t(sp)
-            rasterizer(sp)
+        pipeline_flags(sp, name)
         sp.set_defaults(run=_submit)
     for name, fn, helptext in (("watch", _watch, "follow a job's progress"), ("cancel", _control, "cancel a job"),
                                ("finish", _control, "stop a job now and keep its current state as the result")):
