@@ -46,11 +46,17 @@ def spec_field_names(pipeline: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(SPECS[pipeline]))
 
 
+def check_pipeline(pipeline: Any) -> str:
+    """A submit's ``pipeline``: one of :data:`SPECS`' names, else ``unknown_name``."""
+    if not isinstance(pipeline, str) or pipeline not in SPECS:
+        raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    return pipeline
+
+
 def spec_from_body(pipeline: Any, fields: Any):
     """A pipeline spec from a submit body; an unknown pipeline and a missing or unknown field are
     named errors (``pipeline``, ``spec.NAME``). Its values are checked by :func:`validate_spec`."""
-    if not isinstance(pipeline, str) or pipeline not in SPECS:
-        raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    check_pipeline(pipeline)
     if not isinstance(fields, dict):
         raise InvalidInputError("spec: must be a map of the pipeline's fields", field="spec")
     cls = SPECS[pipeline]

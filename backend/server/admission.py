@@ -32,9 +32,9 @@ from typing import Callable
 
 import numpy as np
 
-from protocol.errors import InvalidInputError, Psd3dError, QueueFullError, UnauthorizedError, UnknownNameError
-from protocol.messages import (SPECS, UPLOADED_MESH_FIELD, check_mesh_arrays, error, in_body, ok, spec_from_body,
-                               spec_path, validate_spec)
+from protocol.errors import InvalidInputError, Psd3dError, QueueFullError, UnauthorizedError
+from protocol.messages import (UPLOADED_MESH_FIELD, check_mesh_arrays, check_pipeline, error, in_body, ok,
+                               spec_from_body, spec_path, validate_spec)
 from protocol.specs import BatchSpec
 from protocol.wire import MAX_ID_CHARS, Message
 from backend.jobs.store import JobStore, storage_error
@@ -93,9 +93,7 @@ def write_upload(parts: dict[str, tuple[str, str, tuple]], path: str) -> None:
 
 def check_body(msg: Message) -> None:
     """The submit's shape, cheap to check: its pipeline's name, a batch's prompts, arrays only with a mesh pipeline."""
-    pipeline = msg.body.get("pipeline")
-    if not isinstance(pipeline, str) or pipeline not in SPECS:
-        raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    pipeline = check_pipeline(msg.body.get("pipeline"))
     if msg.body.get("prompts") is not None:
         BatchSpec(prompts=msg.body["prompts"], pipeline=pipeline).validate()
     if msg.arrays and pipeline not in UPLOADED_MESH_FIELD:
