@@ -543,6 +543,21 @@ def test_refine_reports_a_mesh_without_faces_and_leaves_it_as_it_was(addon):
         bpy.data.objects.remove(obj)
 
 
+def test_the_addons_spec_fields_are_fields_of_every_pipelines_spec(addon):
+    """Item 13: the panel's settings become spec fields named as the spec dataclasses name them (a
+    field the server does not know would refuse every submit)."""
+    from blender_addon.blender import operators
+    from protocol.messages import SPECS, spec_field_names
+
+    s = settings("a named cup")
+    s.negative_prompt, s.use_negative_from, s.negative_from = "blurry", True, "e" * 32
+    fields = operators.spec_fields(s)
+    assert {"prompt", "steps", "negative_prompt", "negative_embedding"} <= set(fields)
+    for pipeline in SPECS:
+        assert set(fields) <= set(spec_field_names(pipeline)), (pipeline, set(fields) - set(spec_field_names(pipeline)))
+    s.negative_prompt, s.use_negative_from, s.negative_from = "", False, ""
+
+
 def test_greyed_out_buttons_say_why(addon):
     select_only()
     s = bpy.context.scene.psd3d
