@@ -73,7 +73,7 @@ def _consume(events, label: str, stages: tuple[str, ...] = ()) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from backend.models import quiet_libraries
-    from backend.presets import PRESETS
+    from backend.pipelines.presets import PRESETS
     from backend.server.server import Server
 
     quiet_libraries()
@@ -243,7 +243,7 @@ def _result(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     import json
 
-    from backend.presets import model_report
+    from backend.pipelines.presets import model_report
     from backend.psd.loading import models_dir
 
     report = model_report()
@@ -266,7 +266,7 @@ def _models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from protocol.specs import METHODS, RASTERIZERS, RECIPES, REWARDS
-    from backend.presets import PRESETS
+    from backend.pipelines.presets import PRESETS
     from backend.server.admission import QueueLimits
 
     parser = argparse.ArgumentParser(prog="psd3d", description="Preference Score Distillation: text to textured 3D props")

@@ -74,7 +74,7 @@ def _placement(models, device: torch.device | None, dtype: torch.dtype | None) -
 
 
 def load_models(models, device: torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModels:
-    """``models`` is a :class:`backend.presets.ModelSet`; the prior placed as :func:`_placement` says."""
+    """``models`` is a :class:`backend.pipelines.presets.ModelSet`; the prior placed as :func:`_placement` says."""
     device, dtype, key = _placement(models, device, dtype)
     if key not in _CACHE:
         if models.build_tiny:

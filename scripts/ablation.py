@@ -95,7 +95,7 @@ def tiny_table(steps: int) -> str:
     from protocol.specs import Image2dSpec
     from backend.models import load_models, quiet_libraries
     from backend.pipelines.image2d import run_image2d
-    from backend.presets import TINY_MODELS
+    from backend.pipelines.presets import TINY_MODELS
 
     quiet_libraries()
     models = load_models(TINY_MODELS, device=torch.device("cpu"), dtype=torch.float32)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from backend.models import load_models, quiet_libraries
     from backend.pipelines.evaluate import EVAL_VIEWS, score_mesh
     from backend.pipelines.mesh3d import run_generate
-    from backend.presets import PRESETS, get_preset
+    from backend.pipelines.presets import PRESETS, get_preset
 
     ap = argparse.ArgumentParser(description="method comparison over a prompt list")
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)

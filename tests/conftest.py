@@ -24,7 +24,7 @@ def psd3d_home(tmp_path_factory):
 def tiny(psd3d_home):
     """The tiny preset's models, loaded through the real loading path."""
     from backend.models import load_models, quiet_libraries
-    from backend.presets import TINY_MODELS
+    from backend.pipelines.presets import TINY_MODELS
 
     quiet_libraries()
     return load_models(TINY_MODELS, device=torch.device("cpu"), dtype=torch.float32)

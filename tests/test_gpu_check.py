@@ -76,7 +76,7 @@ def test_time_per_prop_is_steps_times_the_measured_step_costs():
     sys.path.insert(0, str(REPO / "scripts" / "gpu"))
     from estimate import recipe_minutes
 
-    from backend.presets import get_preset
+    from backend.pipelines.presets import get_preset
     from protocol.specs import RECIPE_STAGES
 
     numbers = {"image2d": {"s_per_step": 0.2}, "geometry": {"s_per_step": 0.3}, "texture": {"s_per_step": 0.4},

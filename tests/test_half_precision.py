@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backend.models import load_models
-from backend.presets import TINY_MODELS
+from backend.pipelines.presets import TINY_MODELS
 from backend.psd.distill import GuidanceConfig, Method, ScoreDistiller
 from backend.psd.guidance import add_noise, distillation_loss, sds_direction, cfg as cfg_eps, sds_weight
 from backend.psd.negative import NegativeConfig, NegativeEmbedding, negative_embedding_reward

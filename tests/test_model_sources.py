@@ -14,7 +14,7 @@ import torch
 from protocol.errors import ModelNotFoundError
 from backend.cli import main as cli_main
 from backend.models import LoadedModels, load_models
-from backend.presets import PRESETS, SD21_MODELS, ModelSet, model_report
+from backend.pipelines.presets import PRESETS, SD21_MODELS, ModelSet, model_report
 from backend.psd.loading import Layout, fetch_command, local_candidates, locate
 from backend.psd.prior import DEFAULT_PRIOR, DiffusionPrior, PriorSource
 from backend.psd.rewards import HpsSource, PickScoreSource, load_reward

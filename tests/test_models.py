@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protocol.errors import InvalidInputError, ModelNotFoundError
-from backend.presets import TINY_MODELS
+from backend.pipelines.presets import TINY_MODELS
 from backend.psd.negative import negative_embedding_reward
 from backend.psd.prior import DiffusionPrior, PriorSource
 from backend.psd.rewards import CLIP_MEAN, CLIP_STD, HpsSource, PickScoreSource, load_reward

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 
 from protocol.errors import ModelNotFoundError
-from backend.presets import PRESETS, SD21_MODELS, TINY_MODELS, model_report
+from backend.pipelines.presets import PRESETS, SD21_MODELS, TINY_MODELS, model_report
 from backend.psd.loading import Layout, fetch_command
 from backend.psd.mvdream import (LDM_UNET_PREFIX, SD21_MVDREAM_CONFIG, MultiViewPrior, diffusers_unet_config,
                                  ldm_name, ldm_state_dict, load_unet, mvdream_camera, read_unet_params, unet_from_params)

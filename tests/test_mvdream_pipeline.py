@@ -13,7 +13,7 @@ from protocol.specs import GenerateSpec
 from backend.geometry.mesh import load_mesh
 from backend.pipelines.mesh3d import run_generate
 from backend.pipelines.nerf_stage import SD_NERF_STAGE2, NerfSettings
-from backend.presets import PRESETS
+from backend.pipelines.presets import PRESETS
 
 
 @pytest.mark.parametrize("method", ["psd", "sds", "dreamdpo"])

@@ -18,7 +18,7 @@ import pytest
 from protocol.client import Client
 from protocol.events import Done, Progress
 from backend.jobs.store import JobStore
-from backend.presets import PRESETS
+from backend.pipelines.presets import PRESETS
 from backend.server.server import Server
 
 REFINE = {"prompt": "a leather ball", "steps": 8, "seed": 5}  # tiny: a checkpoint every 4 steps

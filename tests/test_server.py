@@ -13,7 +13,7 @@ import zmq
 
 from protocol.client import Client, ServerError
 from protocol.events import Done, Failed, ImageSnapshot, Progress
-from backend.presets import PRESETS
+from backend.pipelines.presets import PRESETS
 from backend.server.server import Server, check_bind
 from protocol.errors import InvalidInputError
 from protocol.wire import Message, decode, encode

@@ -20,7 +20,7 @@ from backend.files import atomic_write_json
 from backend.pipelines.common import internal_failure
 from backend.models import LoadedModels, load_models
 from backend.outputs import MetricsLog, config_to_json, plot_reward_curve, save_png, to_rgba8
-from backend.presets import PRESETS, get_preset, with_overrides
+from backend.pipelines.presets import PRESETS, get_preset, with_overrides
 from backend.psd.distill import Method, ScoreDistiller
 from backend.psd.guidance import distillation_loss
 from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS, NegativeEmbedding

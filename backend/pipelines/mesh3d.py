@@ -32,7 +32,7 @@ from backend.outputs import config_to_json
 from backend.pipelines.results import finish, mesh_snapshot_arrays
 from backend.pipelines.nerf_stage import NerfStage
 from backend.pipelines.texture_stage import TextureStage
-from backend.presets import PRESETS, Preset, get_preset, with_overrides
+from backend.pipelines.presets import PRESETS, Preset, get_preset, with_overrides
 from backend.render.camera import rig_from_spec
 from backend.render.ops import Backend, RasterContext
 from backend.psd.distill import Method

@@ -287,7 +287,7 @@ class Server:
     @staticmethod
     def load_tokenizer(preset: str):
         """The prior's tokenizer alone (without the models); builds the tiny models on first use."""
-        from backend.presets import get_preset
+        from backend.pipelines.presets import get_preset
         from backend.psd.prior import load_tokenizer
         from backend.psd.tiny import ensure_tiny_models
 
@@ -399,7 +399,7 @@ class Server:
 
     def serve_forever(self, poll_ms: int = 50) -> None:
         self.executor.start()
-        from backend.presets import get_preset
+        from backend.pipelines.presets import get_preset
 
         self._device_name()
         # warm the served presets' tokenizers (a tiny one, which builds models, last): a first submit rarely waits

@@ -64,7 +64,7 @@ class StepTimer:
 
 def build_stage(args, out: Path) -> GeometryStage:
     from backend.models import load_models, quiet_libraries
-    from backend.presets import TINY_MODELS
+    from backend.pipelines.presets import TINY_MODELS
 
     quiet_libraries()
     models = load_models(TINY_MODELS, device=torch.device("cpu"), dtype=torch.float32)

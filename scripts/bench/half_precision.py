@@ -66,7 +66,7 @@ def centre_tiny_decoder(prior) -> None:
 
 def tiny_priors(device, centre: bool = True):
     from backend.models import load_models, quiet_libraries
-    from backend.presets import TINY_MODELS
+    from backend.pipelines.presets import TINY_MODELS
 
     quiet_libraries()
     loaded = {name: load_models(TINY_MODELS, device=device, dtype=dtype) for name, dtype in DTYPES.items()}

@@ -61,7 +61,7 @@ PROMPT = "A DSLR photo of a plate of fried chicken and waffles with maple syrup 
 
 def tiny_models(device, dtype):
     from backend.models import load_models, quiet_libraries
-    from backend.presets import TINY_MODELS
+    from backend.pipelines.presets import TINY_MODELS
 
     quiet_libraries()
     m = load_models(TINY_MODELS, device=device, dtype=dtype)
@@ -70,7 +70,7 @@ def tiny_models(device, dtype):
 
 def mvdream_tiny_models(device, dtype):
     from backend.models import load_models, load_multiview, quiet_libraries
-    from backend.presets import TINY_MODELS
+    from backend.pipelines.presets import TINY_MODELS
 
     quiet_libraries()
     m = load_models(TINY_MODELS, device=device, dtype=dtype)

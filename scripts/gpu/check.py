@@ -78,7 +78,7 @@ from backend.models import LoadedModels, load_models, quiet_libraries  # noqa: E
 from backend.pipelines.geometry_stage import GeometryStage  # noqa: E402
 from backend.pipelines.image2d import run_image2d  # noqa: E402
 from backend.pipelines.texture_stage import TextureStage  # noqa: E402
-from backend.presets import TINY_MODELS, get_preset  # noqa: E402
+from backend.pipelines.presets import TINY_MODELS, get_preset  # noqa: E402
 from backend.psd.negative import DEFAULT_NEGATIVE_DESCRIPTORS  # noqa: E402
 from backend.render.ops import Backend, RasterContext  # noqa: E402
 from protocol.specs import RECIPE_STAGES  # noqa: E402
