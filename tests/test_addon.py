@@ -718,6 +718,7 @@ def test_refine_the_selection_shows_each_jobs_out_glb_exactly_and_changes_no_oth
     bystander_pixels = np.array(own.pixels)
     try:
         assert bpy.ops.psd3d.refine() == {"FINISHED"}
+        assert len(s.jobs) == n_jobs + len(objs), "one job per selected mesh, listed at once"
         pump_until(pump, lambda: len(s.jobs) == n_jobs + len(objs) and jobs_settled(s)
                    and all(item.results_dir for item in s.jobs[n_jobs:]), timeout=600)
         items = {item.job_id: item for item in s.jobs[n_jobs:]}

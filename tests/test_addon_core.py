@@ -260,3 +260,28 @@ def test_messages_lose_the_servers_file_paths():
     assert text.without_paths(r"bad C:\data\jobs\x.glb") == "bad …/x.glb"
     assert text.without_paths("no backend at tcp://127.0.0.1:5557") == "no backend at tcp://127.0.0.1:5557"
     assert text.without_paths("steps: must be > 0 (got -1)") == "steps: must be > 0 (got -1)"
+
+
+def test_no_module_of_the_bpy_layer_is_imported_by_name_or_dynamically():
+    """Item 12: the layering test reads relative imports; an absolute or dynamic import would slip past it."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[1] / "blender_addon" / "blender"
+    problems = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module", "__import__"):
+                problems.append(f"{path.name}:{node.lineno} imports dynamically")
+            absolute = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(name.split(".")[0] == "blender_addon" for name in absolute):
+                problems.append(f"{path.name}:{node.lineno} imports the add-on by its absolute name")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_batch_limit_the_addon_enforces_is_the_name_it_imports(monkeypatch):
+    """Item 13: parse_prompts enforces the imported MAX_BATCH, not a copy under another name."""
+    monkeypatch.setattr(library, "MAX_BATCH", 3)
+    assert len(library.parse_prompts("x\n" * 3, "ok.txt")) == 3
+    with pytest.raises(library.LibraryError, match="at most 3"):
+        library.parse_prompts("x\n" * 4, "big.txt")

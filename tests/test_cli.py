@@ -1,6 +1,8 @@
 """`psd3d generate` as an artist types it: the MVDream recipe end to end on the tiny twins, its
 progress bar naming the stage and its number, and a bad recipe refused by the parser."""
 
+import argparse
+
 import pytest
 
 from backend.cli import main
@@ -66,8 +68,17 @@ def test_every_spec_field_is_a_flag_and_every_flag_given_reaches_the_spec(pipeli
     given = {"image2d": [], "generate": ["--recipe", "mvdream", "--rasterizer", "torch", "--cameras", str(rig)],
              "refine": ["--mesh", "m.glb", "--max-t", "0.3", "--rasterizer", "torch", "--cameras", str(rig)]}[pipeline]
     argv = ["--prompt", "a cup", "--seed", "7", "--guidance-scale", "12", "--interval", "2", *given]
+    values = {"steps": "5", "negative_prompt": "blurry", "negative_embedding": "e" * 32, "reward_scale": "0.5"}
     for path in ((pipeline, "--out", "o"), ("submit", pipeline)):
         fields = cli._spec_fields(parser.parse_args([*path, *argv]))
+        # every field's flag given (a choice: its last; a switch: on) reaches the spec fields: none is dropped
+        actions = {a.dest: a for a in _subparser(parser, *path[:2] if path[0] == "submit" else path[:1])._actions}
+        every = list(argv)
+        for name in set(names) - set(fields):
+            action = actions[name]
+            every += ([action.option_strings[0]] if isinstance(action, argparse._StoreTrueAction) else
+                      [action.option_strings[0], action.choices[-1] if action.choices else values[name]])
+        assert set(names) <= set(cli._spec_fields(parser.parse_args([*path, *every]))), path
         spec = SPECS[pipeline](**fields, **({"mesh": "m.glb"} if pipeline == "refine" else {}))
         assert (spec.prompt, spec.seed, spec.guidance_scale, spec.interval) == ("a cup", 7, 12.0, 2)
         if pipeline != "image2d":

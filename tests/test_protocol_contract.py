@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -367,3 +368,48 @@ def test_an_old_libzmq_is_refused_with_a_psd3d_error(tmp_path, monkeypatch):
     with pytest.raises(Psd3dError) as caught:
         Server(tmp_path / "data", bind="tcp://127.0.0.1:*")
     assert "4.3.2" in str(caught.value) and caught.value.code != "internal"
+
+
+def test_each_limit_hello_states_is_the_one_enforced():
+    """At each limit ``hello`` states a spec passes; one past it is refused, naming the field."""
+    from protocol.errors import Psd3dError
+    from protocol.messages import limits, spec_from_body
+    from protocol.specs import BatchSpec
+
+    lim = limits()  # what hello sends (pinned to hello above)
+
+    def validate(**fields):
+        spec_from_body("image2d", {"prompt": "a cup", **fields}).validate(("tiny",))
+
+    for field, at, past in (("steps", lim["steps"], lim["steps"] + 1), ("seed", lim["seed"], lim["seed"] + 1),
+                            ("prompt", "x" * lim["prompt_chars"], "x" * (lim["prompt_chars"] + 1))):
+        validate(**{field: at})
+        with pytest.raises(Psd3dError) as refused:
+            validate(**{field: past})
+        assert refused.value.field.endswith(field)
+    BatchSpec(prompts=["x"] * lim["batch_prompts"], pipeline="image2d").validate()
+    with pytest.raises(Psd3dError):
+        BatchSpec(prompts=["x"] * (lim["batch_prompts"] + 1), pipeline="image2d").validate()
+
+
+def test_a_protocol_limit_is_written_once_in_the_repository():
+    """Issue 12 item 13: every limit protocol/ owns (specs, messages, wire) is imported elsewhere, never typed again."""
+    import ast
+
+    from protocol import messages, specs, wire
+
+    root = Path(__file__).resolve().parents[1]
+    owners = {Path(m.__file__).resolve() for m in (specs, messages, wire)}
+    owned = {v for m in (specs, messages, wire) for k, v in vars(m).items()
+             if k.startswith("MAX_") and isinstance(v, int) and v > 256}  # small numbers collide by chance
+    problems = []
+    for path in [*root.glob("backend/**/*.py"), *root.glob("blender_addon/**/*.py"), *root.glob("protocol/*.py")]:
+        if path.resolve() in owners:
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and \
+                    not isinstance(node.value.value, bool) and node.value.value in owned:
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if any("MAX" in n or "LIMIT" in n for n in names):
+                    problems.append(f"{path.relative_to(root)}:{node.lineno} {names} = {node.value.value}")
+    assert not problems, "\n".join(problems)

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from protocol.errors import InvalidInputError
+from protocol.messages import MAX_FACES, MAX_TEXTURE_SIDE  # the limits are the protocol's, for files and uploads alike
 from backend.files import atomic_write_bytes
-
-MAX_FACES = 2_000_000
-MAX_TEXTURE = 8192
 
 
 @dataclass
@@ -67,8 +65,8 @@ class Mesh:
             raise InvalidInputError(f"{field_name}: UVs must be finite (F,3,2), got {tuple(self.uvs.shape)}", field=field_name)
         if self.texture is not None:
             t = self.texture
-            if t.ndim != 3 or t.shape[2] != 4 or t.dtype != np.uint8 or max(t.shape[:2]) > MAX_TEXTURE:
-                raise InvalidInputError(f"{field_name}: texture must be uint8 RGBA up to {MAX_TEXTURE}^2, got {t.shape} {t.dtype}",
+            if t.ndim != 3 or t.shape[2] != 4 or t.dtype != np.uint8 or max(t.shape[:2]) > MAX_TEXTURE_SIDE:
+                raise InvalidInputError(f"{field_name}: texture must be uint8 RGBA up to {MAX_TEXTURE_SIDE}^2, got {t.shape} {t.dtype}",
                                         field=field_name)
 
 
