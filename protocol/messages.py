@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from protocol import specs, wire
-from protocol.errors import InvalidInputError, Psd3dError, UnknownNameError
+from protocol.errors import InvalidInputError, Psd3dError, require_choice
 from protocol.png import decode_png, encode_png
 from protocol.events import Done, Failed, ImageSnapshot, MeshSnapshot, Progress, TextureSnapshot
 from protocol.specs import GenerateSpec, Image2dSpec, RefineSpec
@@ -48,8 +48,7 @@ def spec_field_names(pipeline: str) -> tuple[str, ...]:
 
 def check_pipeline(pipeline: Any) -> str:
     """A submit's ``pipeline``: one of :data:`SPECS`' names, else ``unknown_name``."""
-    if not isinstance(pipeline, str) or pipeline not in SPECS:
-        raise UnknownNameError(f"pipeline: {pipeline!r} is not one of {', '.join(SPECS)}", field="pipeline")
+    require_choice(pipeline, tuple(SPECS), "pipeline")
     return pipeline
 
 

@@ -219,9 +219,7 @@ def test_a_serve_killed_mid_job_takes_its_actors_along_and_its_restart_redispatc
     try:
         with Client(endpoint, timeout=60) as client:
             (job,) = client.submit("refine", REFINE, mesh=upload)
-            for _, event in client.watch(job):
-                if isinstance(event, Progress) and event.step >= 5:
-                    break
+            _progress_until(client, job, 5)
             old_actor = _worker_pid(client)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
